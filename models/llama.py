@@ -1,0 +1,245 @@
+"""Flax NNX LLaMA-family decoder: LLaMA-2/3 (incl. llama3 RoPE scaling), Mistral (sliding window).
+
+Parameters follow Hugging Face's names with Flax's (in, out) kernel layout, e.g.
+`layers/3/self_attn/q_proj/kernel` of shape (hidden, heads*head_dim). Every linear goes through
+`jaxq.ops.qdot`, so a quantized format can replace a float kernel without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxq.ops import qdot
+from models.config import LlamaConfig
+
+INIT_STD = 0.02
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies, float32 [head_dim/2], computed as Hugging Face does (float32)."""
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.type == "linear":
+        inv_freq = inv_freq / np.float32(scaling.factor)
+    elif scaling is not None and scaling.type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float32)
+    return inv_freq.astype(np.float32)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, scaling) -> np.ndarray:
+    """LLaMA-3.1 frequency-dependent scaling: low frequencies / factor, high kept, smooth between."""
+    factor = np.float32(scaling.factor)
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (np.float32(old_len) / wavelen - np.float32(scaling.low_freq_factor)) / np.float32(
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in Hugging Face's half-split layout.
+
+    x: [B, T, heads, head_dim]; positions: int [B, T]. Angles are computed in float32.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean [B, T, S]: causal, optionally within a sliding window (q - k < window).
+
+    q_positions: [B, T]; k_positions: [B, S]; k_valid: bool [B, S] (filled cache slots).
+    """
+    q = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    mask = (k <= q) & k_valid[:, None, :]
+    if sliding_window is not None:
+        mask &= (q - k) < sliding_window
+    return mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Pre-allocated keys/values of every layer: [layers, B, max_len, kv_heads, head_dim].
+
+    `length` (int32 scalar) is the number of filled positions, shared by the batch.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, max_len: int) -> KVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.dtype)
+        return cls(keys=zeros, values=zeros, length=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel with kernel (in, out): a float array or a jaxq quantized format."""
+
+    def __init__(self, in_features: int, out_features: int, *, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(INIT_STD)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return qdot(x, self.kernel.get_value())
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 and cast back (as Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.get_value().astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional sliding window and KV cache."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, param_dtype=pd, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, param_dtype=pd, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, param_dtype=pd, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, param_dtype=pd, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.inv_freq = tuple(rope_inv_freq(c).tolist())
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+        """x: [B, T, hidden]; positions: [B, T]; mask: bool [B, T, S].
+
+        cache: (keys, values, length) of this layer, keys/values [B, max_len, kv, head_dim];
+        S = max_len with a cache, else T. Returns (y [B, T, hidden], updated (keys, values)).
+        """
+        b, t, _ = x.shape
+        kv, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        inv_freq = np.asarray(self.inv_freq, np.float32)
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, d), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, t, kv, d), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, t, kv, d)
+        if cache is not None:
+            keys, values, length = cache
+            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, length, 0, 0))
+            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, length, 0, 0))
+        q = q.reshape(b, t, kv, group, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(config.param_dtype)
+        h, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(h, m, param_dtype=pd, rngs=rngs)
+        self.up_proj = Linear(h, m, param_dtype=pd, rngs=rngs)
+        self.down_proj = Linear(m, h, param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None):
+        """x: [B, T, hidden] -> ([B, T, hidden], this layer's (keys, values))."""
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Llama(nnx.Module):
+    """Causal LM: embeddings, decoder blocks, final RMSNorm, (tied or untied) LM head."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pd = jnp.dtype(config.param_dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=pd,
+                                      embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+        self.layers = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, param_dtype=pd, rngs=rngs)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens int [B, T] -> hidden [B, T, hidden] in the compute dtype."""
+        table = self.embed_tokens.embedding.get_value()
+        return jnp.take(table, tokens, axis=0).astype(self.config.dtype)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, T, hidden] -> float32 logits [B, T, vocab]."""
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = jnp.dot(x, self.embed_tokens.embedding.get_value().astype(x.dtype).T)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        """tokens int [B, T] -> (float32 logits [B, T, vocab], updated cache or None)."""
+        b, t = tokens.shape
+        offset = 0 if cache is None else cache.length
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            mask = attention_mask(positions, positions, jnp.ones((b, t), bool), self.config.sliding_window)
+        else:
+            slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+            mask = attention_mask(positions, slots, slots < offset + t, self.config.sliding_window)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
+            x, (k, v) = layer(x, positions, mask, layer_cache)
+            if cache is not None:
+                cache = dataclasses.replace(cache, keys=cache.keys.at[i].set(k), values=cache.values.at[i].set(v))
+        logits = self.head(x)
+        if cache is None:
+            return logits, None
+        return logits, dataclasses.replace(cache, length=cache.length + t)
