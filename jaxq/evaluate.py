@@ -1,0 +1,112 @@
+"""Perplexity (PROTOCOL.md) and greedy generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxq import data
+from models.config import LlamaConfig
+from models.language_model import LanguageModel, Params, forward
+from models.llama import KVCache
+
+QUICK = dict(ctx=512, windows=64)
+FULL = dict(ctx=2048, windows=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityReport:
+    ppl: float
+    mean_nll: float
+    predicted_tokens: int   # (ctx - 1) per window
+    windows: int
+    ctx: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def window_nll(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Summed next-token NLL of each window: int32 [B, T] -> float32 [B] (T-1 predictions each)."""
+    logits, _ = forward(config, params, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -picked.sum(axis=-1)
+
+
+def resolve_text(text_or_source: str, data_dir: str | os.PathLike | None = None) -> str:
+    """A named source, a path to a text file, or the text itself."""
+    if text_or_source in data.SOURCES:
+        return data.load_text(text_or_source, data_dir)
+    if "\n" not in text_or_source and os.path.isfile(os.path.expanduser(text_or_source)):
+        return data.load_text(text_or_source)
+    return text_or_source
+
+
+def perplexity_report(lm: LanguageModel, params: Params, text_or_source: str = data.EVAL_SOURCE, *,
+                      ctx: int = 512, windows: int | None = 64, batch_size: int = 8,
+                      data_dir: str | os.PathLike | None = None, progress: bool = True) -> PerplexityReport:
+    """exp(mean NLL over every predicted position of the first `windows` windows of `ctx`)."""
+    ids = np.asarray(lm.encode(resolve_text(text_or_source, data_dir)), np.int32)
+    tokens = data.eval_windows(ids, ctx, windows)
+    start = time.perf_counter()
+    total = 0.0
+    batch_size = min(batch_size, len(tokens))
+    bar = tqdm(total=len(tokens), desc=f"perplexity ctx={ctx}", unit="win", disable=not progress)
+    for lo in range(0, len(tokens), batch_size):
+        batch = tokens[lo: lo + batch_size]
+        real = len(batch)
+        if real < batch_size:  # pad to one compiled shape; padded windows are dropped below
+            batch = np.concatenate([batch, np.zeros((batch_size - real, ctx), np.int32)])
+        nll = np.asarray(window_nll(lm.config, params, jnp.asarray(batch)), np.float64)
+        total += float(nll[:real].sum())
+        bar.update(real)
+        bar.set_postfix(ppl=f"{math.exp(total / ((lo + real) * (ctx - 1))):.3f}")
+    bar.close()
+    count = len(tokens) * (ctx - 1)
+    mean = total / count
+    return PerplexityReport(ppl=math.exp(mean), mean_nll=mean, predicted_tokens=count,
+                            windows=len(tokens), ctx=ctx, seconds=time.perf_counter() - start)
+
+
+def perplexity(lm: LanguageModel, params: Params, text_or_source: str = data.EVAL_SOURCE, *,
+               ctx: int = 512, windows: int | None = 64, **options) -> float:
+    """Perplexity as a float; see `perplexity_report` for the options."""
+    return perplexity_report(lm, params, text_or_source, ctx=ctx, windows=windows, **options).ppl
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps"))
+def greedy_tokens(config: LlamaConfig, params: Params, prompt: jax.Array, steps: int) -> jax.Array:
+    """Greedy continuation with a KV cache: int32 [B, T] -> int32 [B, steps]."""
+    cache = KVCache.empty(config, prompt.shape[0], prompt.shape[1] + steps)
+    logits, cache = forward(config, params, prompt, None, cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, _):
+        token, cache = carry
+        logits, cache = forward(config, params, token[:, None], None, cache)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, cache), token
+
+    _, out = jax.lax.scan(step, (first, cache), None, length=steps)
+    return out.T
+
+
+def generate(lm: LanguageModel, params: Params, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy completion of `prompt` (smoke test of a quantized model)."""
+    ids = jnp.asarray([lm.encode(prompt)], jnp.int32)
+    out = np.asarray(greedy_tokens(lm.config, params, ids, max_new_tokens))[0].tolist()
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    if eos in out:
+        out = out[: out.index(eos)]
+    return lm.tokenizer.decode(out)
