@@ -1,0 +1,188 @@
+"""Frozen configuration: one dataclass per method, rules mapping parameter paths to them.
+
+    cfg = QuantConfig.for_method(UniformConfig(bits=3, group_size=128, calibration="mse"))
+    cfg = QuantConfig(rules=(Rule(r"layers/0/", None),            # keep block 0 in float
+                             Rule(DEFAULT_PATTERN, UniformConfig(bits=4))))
+
+Paths are the params tree's keys joined with "/" (e.g. `layers/3/mlp/down_proj/kernel`).
+A rule matches a path when its regex is found in it (`re.search`); the first matching rule
+wins; `method=None` keeps the leaf in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, ClassVar, Literal
+
+from jaxq.formats.packing import SUPPORTED_BITS
+
+# Every linear inside the decoder blocks; embeddings, norms and lm_head stay float by default.
+DEFAULT_PATTERN = r"^layers/\d+/(self_attn|mlp)/\w+_proj/kernel$"
+
+GRANULARITIES = ("group", "channel", "tensor")
+CALIBRATIONS = ("minmax", "percentile", "mse")
+ZERO_POINTS = ("int", "float")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """An invalid quantization configuration, with the field and the allowed values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformConfig:
+    """Uniform (affine) quantization with range calibration: the survey's RTN, all of it.
+
+    granularity: per `group` of `group_size` input rows (the last group may be shorter), per
+      output `channel`, or per `tensor`.
+    symmetric: zero fixed at the middle code 2^(b-1), scale = absmax / (2^(b-1) - 1/2) (GPTQ's
+      convention: the grid spans [-absmax*16/15, absmax*14/15] at 4 bits).
+    zero_point (asymmetric only): `int` = integer zero code, w = s(q - z) (GPTQ/AWQ/Marlin);
+      `float` = float offset, w = s*q + min (llama.cpp Q4_1, HQQ).
+    calibration: `minmax`; `percentile` (clip to the `percentile`-th percentile of each group);
+      `mse` (grid search over shrink factors of the min-max range minimising the L_`mse_norm`
+      error; GPTQ: norm 2.4, grid 100, max shrink 0.8). KL calibration is for activation
+      ranges: `jaxq.methods.rtn.kl_range`.
+    """
+
+    method: ClassVar[str] = "rtn"
+    data_free: ClassVar[bool] = True
+
+    bits: int = 4
+    granularity: Literal["group", "channel", "tensor"] = "group"
+    group_size: int = 128
+    symmetric: bool = False
+    zero_point: Literal["int", "float"] = "int"
+    calibration: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.9
+    mse_norm: float = 2.4
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.calibration == "kl":
+            raise ConfigError("calibration='kl' is for activation ranges (a histogram of thousands of values: "
+                              "jaxq.methods.rtn.kl_range); use minmax, percentile or mse for weights")
+        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        _check_choice("zero_point", self.zero_point, ZERO_POINTS)
+        _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.symmetric and self.zero_point == "float":
+            raise ConfigError("symmetric quantization has no zero point; zero_point='float' needs symmetric=False")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.mse_max_shrink < 1.0 or self.mse_grid < 1 or self.mse_norm <= 0:
+            raise ConfigError("mse calibration needs 0 < mse_max_shrink < 1, mse_grid >= 1, mse_norm > 0")
+
+    @property
+    def zero_point_mode(self) -> str:
+        """Zero-point mode of the produced UniformQ: 'none' when symmetric."""
+        return "none" if self.symmetric else self.zero_point
+
+    def rows_per_group(self, in_features: int) -> int:
+        """Input rows sharing one scale for a weight with `in_features` inputs."""
+        return self.group_size if self.granularity == "group" else in_features
+
+    def describe(self) -> str:
+        grain = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
+        zero = "sym" if self.symmetric else f"{self.zero_point}-zero"
+        return f"{self.method} w{self.bits} {grain} {zero} {self.calibration}"
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, allowed))}")
+
+
+METHODS: dict[str, type] = {"rtn": UniformConfig}
+
+
+def register_method(cls: type) -> type:
+    """Make a method config class known by its `method` name (CLI, checkpoint metadata)."""
+    METHODS[cls.method] = cls
+    return cls
+
+
+def method_config(name: str, **settings: Any):
+    """The config of the method called `name` with `settings`."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Leaves whose path matches `pattern` (re.search) are quantized with `method`; None = float."""
+
+    pattern: str
+    method: Any = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ConfigError(f"rule pattern {self.pattern!r} is not a valid regex: {err}") from None
+        if self.method is not None and getattr(type(self.method), "method", None) not in METHODS:
+            raise ConfigError(f"rule {self.pattern!r}: {self.method!r} is not a method config "
+                              f"(available: {', '.join(sorted(METHODS))})")
+
+    def matches(self, path: str) -> bool:
+        return re.search(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Ordered rules; the first whose pattern matches a leaf's path decides its method."""
+
+    rules: tuple[Rule, ...] = (Rule(DEFAULT_PATTERN, UniformConfig()),)
+
+    def __post_init__(self):
+        if not self.rules:
+            raise ConfigError("QuantConfig needs at least one rule")
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    @classmethod
+    def for_method(cls, method: Any, pattern: str = DEFAULT_PATTERN) -> QuantConfig:
+        return cls(rules=(Rule(pattern, method),))
+
+    def method_for(self, path: str) -> Any:
+        """The method config for `path` (None: stays float)."""
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule.method
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [{"pattern": r.pattern,
+                           "method": None if r.method is None else r.method.method,
+                           "settings": None if r.method is None else _settings(r.method)}
+                          for r in self.rules]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        rules = []
+        for r in d["rules"]:
+            method = None if r["method"] is None else _from_settings(METHODS[r["method"]], r["settings"])
+            rules.append(Rule(r["pattern"], method))
+        return cls(rules=tuple(rules))
+
+
+def _settings(method: Any) -> dict[str, Any]:
+    """Fields of a method config, nested configs as dicts."""
+    return {f.name: (_settings(v) if dataclasses.is_dataclass(v) else v)
+            for f in dataclasses.fields(method) for v in [getattr(method, f.name)]}
+
+
+def _from_settings(cls: type, settings: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in settings:
+            value = settings[f.name]
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            kwargs[f.name] = _from_settings(type(nested()), value) if isinstance(value, dict) and nested else value
+    return cls(**kwargs)

@@ -1,0 +1,115 @@
+"""`jaxq.quantize`: params pytree -> the same tree with the selected kernels replaced by formats."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from jaxq import tree
+from jaxq.config import ConfigError, QuantConfig
+from jaxq.methods import WEIGHT_QUANTIZERS
+
+STACK_CHUNK = 8  # layers quantized together in one vmapped call (bounds the stacked copy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    index: int      # position among the flattened leaves
+    path: str
+    method: Any     # a method config
+
+
+def as_quant_config(cfg: Any) -> QuantConfig:
+    """A QuantConfig, or a single method config applied with the default rule."""
+    if isinstance(cfg, QuantConfig):
+        return cfg
+    if getattr(type(cfg), "method", None) is not None:
+        return QuantConfig.for_method(cfg)
+    raise ConfigError(f"expected a QuantConfig or a method config, got {type(cfg).__name__}")
+
+
+def plan(leaves: list[tuple[str, Any]], cfg: QuantConfig) -> list[Assignment]:
+    """Which leaf gets which method; every rule must match something and select only kernels."""
+    paths = [p for p, _ in leaves]
+    for rule in cfg.rules:
+        if not any(rule.matches(p) for p in paths):
+            examples = ", ".join(p for p in paths if p.endswith("kernel"))[:200]
+            raise ConfigError(f"rule {rule.pattern!r} matches no parameter (paths look like: {examples})")
+    out = []
+    for index, (path, leaf) in enumerate(leaves):
+        method = cfg.method_for(path)
+        if method is None:
+            continue
+        if tree.is_format(leaf):
+            raise ConfigError(f"{path} is already quantized ({leaf.format_name}); quantize float params")
+        if not (path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2
+                and jnp.issubdtype(leaf.dtype, jnp.floating)):
+            raise ConfigError(f"rule selects {path} (shape {getattr(leaf, 'shape', None)}), which is not "
+                              "a linear kernel (a 2-D float (in, out) weight)")
+        granularity = getattr(getattr(method, "uniform", method), "granularity", None)
+        group_size = getattr(getattr(method, "uniform", method), "group_size", None)
+        if granularity == "group" and group_size > leaf.shape[0]:
+            raise ConfigError(f"group_size={group_size} is larger than the input dimension {leaf.shape[0]} "
+                              f"of {path}; use a smaller group or granularity='channel'")
+        out.append(Assignment(index, path, method))
+    return out
+
+
+def check_finite(leaves: list[tuple[str, Any]], assignments: list[Assignment]) -> None:
+    """NaN/Inf in a selected weight is an error naming the path (skipped while tracing)."""
+    weights = [leaves[a.index][1] for a in assignments]
+    if not weights or any(isinstance(w, jax.core.Tracer) for w in weights):
+        return
+    finite = jax.jit(lambda ws: [jnp.isfinite(w).all() for w in ws])(weights)
+    bad = [a.path for a, ok in zip(assignments, finite) if not bool(ok)]
+    if bad:
+        raise ValueError(f"NaN or Inf in {len(bad)} weight(s), e.g. {', '.join(bad[:3])}; "
+                         "refusing to quantize a broken checkpoint")
+
+
+def quantize_data_free(weights: list[jax.Array], method: Any) -> list[Any]:
+    """Quantize same-shaped weights by stacking them and vmapping the method over the stack."""
+    fn = jax.vmap(WEIGHT_QUANTIZERS[method.method], in_axes=(0, None))
+    out = []
+    for lo in range(0, len(weights), STACK_CHUNK):
+        chunk = weights[lo: lo + STACK_CHUNK]
+        stacked = fn(jnp.stack(chunk), method)
+        out += [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(len(chunk))]
+    return out
+
+
+def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False) -> Any:
+    """Pure: params (nested dicts, Linen params or an NNX State) -> the same tree with every
+    kernel selected by `cfg`'s rules replaced by a quantized format.
+
+    Data-free methods (rtn) need no `calib`; data-aware ones (gptq, awq) take the calibration
+    inputs through it. `progress` shows a progress bar.
+    """
+    cfg = as_quant_config(cfg)
+    leaves, treedef = tree.flatten(params)
+    assignments = plan(leaves, cfg)
+    check_finite(leaves, assignments)
+    out = [leaf for _, leaf in leaves]
+    data_aware = [a for a in assignments if not type(a.method).data_free]
+    if data_aware:
+        if calib is None:
+            raise ConfigError(f"method {data_aware[0].method.method!r} needs calibration data "
+                              f"(calib=...), e.g. for {data_aware[0].path}")
+        raise ConfigError(f"data-aware method {data_aware[0].method.method!r} is not available yet")
+    batches: dict[tuple, list[Assignment]] = defaultdict(list)
+    for a in assignments:
+        leaf = leaves[a.index][1]
+        batches[(a.method, leaf.shape, jnp.dtype(leaf.dtype).name)].append(a)
+    bar = tqdm(total=len(assignments), desc="quantize", unit="weight", disable=not progress)
+    for (method, _, _), group in batches.items():
+        quantized = quantize_data_free([leaves[a.index][1] for a in group], method)
+        for a, q in zip(group, quantized):
+            out[a.index] = q
+        bar.update(len(group))
+    bar.close()
+    return tree.unflatten(treedef, out)

@@ -1,0 +1,136 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxq
+from jaxq.config import UniformConfig
+from jaxq.methods import rtn
+
+
+def reference_rtn(w: np.ndarray, bits: int, group_size: int, mode: str):
+    """float64 numpy min-max RTN per (output column, group); returns (codes [out, in], the
+    pre-rounding values [out, in]) so near-ties can be told apart from real disagreements."""
+    qmax = 2 ** bits - 1
+    wt = w.T.astype(np.float64)
+    codes = np.zeros(wt.shape, np.int64)
+    raw = np.zeros(wt.shape)
+    for lo_idx in range(0, wt.shape[1], group_size):
+        v = wt[:, lo_idx: lo_idx + group_size]
+        lo, hi = v.min(1, keepdims=True), v.max(1, keepdims=True)
+        if mode == "none":
+            scale = (np.maximum(-lo, hi) / (2 ** (bits - 1) - 0.5)).astype(np.float16).astype(np.float64)
+            r = v / scale + 2 ** (bits - 1)
+        elif mode == "float":
+            scale = ((hi - lo) / qmax).astype(np.float16).astype(np.float64)
+            r = (v - lo.astype(np.float16).astype(np.float64)) / scale
+        else:
+            scale = ((hi - lo) / qmax).astype(np.float16).astype(np.float64)
+            r = v / scale + np.clip(np.round(-lo / scale), 0, qmax)
+        raw[:, lo_idx: lo_idx + group_size] = r
+        codes[:, lo_idx: lo_idx + group_size] = np.clip(np.round(r), 0, qmax)
+    return codes, raw
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["int", "float", "none"])
+def test_minmax_codes_match_float64_reference(bits, mode, rng):
+    w = rng.standard_t(4, size=(200, 48)).astype(np.float32)  # 200 rows: groups 64, 64, 64, 8
+    cfg = UniformConfig(bits=bits, group_size=64, symmetric=mode == "none",
+                        zero_point="int" if mode == "none" else mode)
+    q = rtn.quantize_weight(jnp.asarray(w), cfg)
+    got = np.asarray(q.stored_codes()).astype(np.int64)
+    expected, raw = reference_rtn(w, bits, 64, mode)
+    differ = got != expected
+    near_tie = np.abs(raw - np.floor(raw) - 0.5) < 1e-4
+    assert differ.sum() <= 2 and np.all(near_tie[differ]), f"{differ.sum()} codes differ away from ties"
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), k=st.integers(8, 160), g=st.sampled_from([8, 32, 64]),
+       seed=st.integers(0, 2**31))
+def test_float_offset_error_is_at_most_half_a_step(bits, k, g, seed):
+    """Min-max with a float offset covers every value: |w - Q(w)| <= scale/2, plus the fp16
+    rounding of the stored scale (over the span) and offset (a one-value group is only that)."""
+    w = np.random.default_rng(seed).normal(size=(k, 6)).astype(np.float32)
+    cfg = UniformConfig(bits=bits, group_size=min(g, k), zero_point="float")
+    q = rtn.quantize_weight(jnp.asarray(w), cfg)
+    step = np.repeat(np.asarray(q.scale, np.float64), q.group_size, axis=1)[:, :k].T
+    span = step * (2 ** bits - 1)
+    offset = np.repeat(np.asarray(q.zero, np.float64), q.group_size, axis=1)[:, :k].T
+    bound = 0.5 * step + 2e-3 * span + 2 ** -10 * np.abs(offset) + 1e-6
+    assert np.all(np.abs(np.asarray(q.dequantize()) - w) <= bound)
+
+
+def lp_error(w, cfg, norm=2.4):
+    return float((np.abs(np.asarray(rtn.fake_quantize(jnp.asarray(w), cfg)) - w) ** norm).sum())
+
+
+def test_mse_calibration_beats_minmax_on_heavy_tails(rng):
+    """The search includes the min-max grid (shrink 1), so it is never worse; on heavy tails it
+    is clearly better, the more so the fewer the bits."""
+    w = rng.standard_t(3, size=(256, 64)).astype(np.float32)
+    gains = {}
+    for bits in (2, 3, 4):
+        minmax = lp_error(w, UniformConfig(bits=bits, group_size=128))
+        mse = lp_error(w, UniformConfig(bits=bits, group_size=128, calibration="mse"))
+        gains[bits] = mse / minmax
+    assert gains[4] < 0.97 and gains[3] < 0.9 and gains[2] < 0.8, gains
+
+
+def test_percentile_clips_an_outlier(rng):
+    w = rng.normal(size=(128, 4)).astype(np.float32)
+    w[5, 0] = 50.0
+    q = rtn.quantize_weight(jnp.asarray(w), UniformConfig(bits=4, group_size=128, calibration="percentile",
+                                                          percentile=99.0, zero_point="float"))
+    top = float(q.scale[0, 0]) * 15 + float(q.zero[0, 0])
+    assert top < 5.0  # the grid stops near the bulk, not at the outlier
+    assert float(q.dequantize()[5, 0]) == pytest.approx(top, rel=1e-3)  # the outlier is clipped
+
+
+def test_granularities_produce_the_right_scale_shapes(rng):
+    w = jnp.asarray(rng.normal(size=(96, 40)).astype(np.float32))
+    assert rtn.quantize_weight(w, UniformConfig(granularity="tensor")).scale.shape == (1, 1)
+    assert rtn.quantize_weight(w, UniformConfig(granularity="channel")).scale.shape == (40, 1)
+    assert rtn.quantize_weight(w, UniformConfig(group_size=32)).scale.shape == (40, 3)
+    per_tensor = rtn.quantize_weight(w, UniformConfig(granularity="tensor", zero_point="float"))
+    lo, hi = float(w.min()), float(w.max())
+    assert float(per_tensor.zero[0, 0]) == pytest.approx(lo, rel=1e-3)
+    assert float(per_tensor.scale[0, 0]) * 15 == pytest.approx(hi - lo, rel=1e-3)
+
+
+def test_vmap_over_stacked_layers_equals_one_by_one(rng):
+    stack = jnp.asarray(rng.normal(size=(3, 64, 32)).astype(np.float32))
+    cfg = UniformConfig(bits=3, group_size=32, calibration="mse")
+    batched = jax.vmap(rtn.quantize_weight, in_axes=(0, None))(stack, cfg)
+    for i in range(3):
+        single = rtn.quantize_weight(stack[i], cfg)
+        for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(batched)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i]))
+
+
+def test_kl_range_clips_rare_outliers_but_keeps_the_bulk(rng):
+    x = np.concatenate([rng.normal(size=200_000), [400.0, -380.0, 390.0]]).astype(np.float32)
+    threshold = float(rtn.kl_range(jnp.asarray(x), bits=8))
+    assert 3.0 < threshold < 40.0, threshold
+    uniform = rng.uniform(-1, 1, size=100_000).astype(np.float32)
+    assert float(rtn.kl_range(jnp.asarray(uniform), bits=8)) > 0.9  # nothing to clip
+
+
+@pytest.mark.slow
+def test_float_offset_g32_reproduces_llama_cpp_q4_1(smollm):
+    """smollm2's linears are Q4_1 (float offset, blocks of 32, exact block min/max): min-max RTN
+    with a float offset at g32 must give back exactly the same weights; integer zero cannot."""
+    float_cfg = UniformConfig(bits=4, group_size=32, zero_point="float")
+    q = jaxq.quantize(smollm.params, float_cfg)
+    worst = 0.0
+    for layer, block in smollm.params["layers"].items():
+        for module in ("self_attn", "mlp"):
+            for name, leaf in block[module].items():
+                w = leaf["kernel"]
+                worst = max(worst, float(jnp.abs(q["layers"][layer][module][name]["kernel"].dequantize() - w).max()))
+    assert worst == 0.0
+    w = smollm.params["layers"][0]["mlp"]["down_proj"]["kernel"]
+    assert float(jnp.abs(rtn.fake_quantize(w, UniformConfig(bits=4, group_size=32)) - w).max()) > 1e-3
