@@ -1,4 +1,4 @@
-"""The `jaxq` command line: eval (and, as they land, quantize, inspect, bench)."""
+"""The `jaxq` command line: quantize, eval, inspect."""
 
 from __future__ import annotations
 
@@ -22,31 +22,124 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    from jaxq import config
+
+    p.add_argument("--method", default="rtn", choices=sorted(config.METHODS))
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=128, help="input rows per scale (granularity group)")
+    p.add_argument("--granularity", default="group", choices=config.GRANULARITIES)
+    zero = p.add_mutually_exclusive_group()
+    zero.add_argument("--sym", action="store_true", help="symmetric: zero fixed at the middle code")
+    zero.add_argument("--zero-point", default="int", choices=config.ZERO_POINTS,
+                      help="asymmetric zero: integer code (GPTQ/AWQ) or float offset (llama.cpp Q4_1)")
+    p.add_argument("--calibration", default="minmax", choices=config.CALIBRATIONS, help="weight range calibration")
+    p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
+                   help="leave matching parameters in float (repeatable)")
+
+
+def quant_config_from_args(args: argparse.Namespace):
+    from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule, UniformConfig, method_config
+
+    uniform = UniformConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
+                            symmetric=args.sym, zero_point=args.zero_point, calibration=args.calibration,
+                            percentile=args.percentile)
+    method = uniform if args.method == "rtn" else method_config(args.method, uniform=uniform)
+    rules = tuple(Rule(pattern, None) for pattern in args.keep_float) + (Rule(DEFAULT_PATTERN, method),)
+    return QuantConfig(rules=rules)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import time
+
+    import models
+    from jaxq import checkpoint, quantization, report
+
+    checkpoint.quiet_orbax_logs()
+    cfg = quant_config_from_args(args)
+    lm = models.load(args.model)
+    start = time.perf_counter()
+    qparams = quantization.quantize(lm.params, cfg, progress=not args.json)
+    seconds = time.perf_counter() - start
+    checkpoint.save(args.out, qparams, model_config=lm.config, quant_config=cfg, tokenizer=lm.tokenizer,
+                    source=str(args.model))
+    sizes = report.size_report(qparams)
+    summary = {"model": args.model, "out": str(args.out), "quant_config": cfg.to_dict(),
+               "quantize_seconds": seconds, "quantized_weights": len(sizes.quantized),
+               "quantized_bytes": sizes.quantized_bytes, "quantized_bf16_bytes": sizes.quantized_bf16_bytes}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(sizes.table().splitlines()[-2])
+        print(f"quantized in {seconds:.1f}s; checkpoint written to {args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import models
-    from jaxq import evaluate
+    from jaxq import checkpoint, evaluate
 
-    lm = models.load(args.model, dtype=args.dtype)
+    if args.checkpoint:
+        checkpoint.quiet_orbax_logs()
+        lm = checkpoint.load(args.checkpoint, dtype=args.dtype).language_model()
+    else:
+        lm = models.load(args.model, dtype=args.dtype)
     ctx, windows = (2048, None) if args.full else (args.ctx, args.windows)
     report = evaluate.perplexity_report(lm, lm.params, args.data, ctx=ctx, windows=windows,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         progress=not args.json)
-    result = {"model": args.model, "data": args.data, **report.to_dict()}
+    name = args.checkpoint or args.model
+    result = {"model": name, "data": args.data, **report.to_dict()}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model}: perplexity {report.ppl:.4f} on {args.data} "
+        print(f"{name}: perplexity {report.ppl:.4f} on {args.data} "
               f"({report.windows} windows x {report.ctx} tokens, {report.seconds:.1f}s)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from jaxq import checkpoint, report
+
+    checkpoint.quiet_orbax_logs()
+    metadata = checkpoint.read_metadata(args.checkpoint)
+    sizes = report.size_report(checkpoint.abstract_params(metadata))
+    if args.json:
+        print(json.dumps({"jaxq_version": metadata["jaxq_version"], "source": metadata["source"],
+                          "model_config": metadata["model_config"], "quant_config": metadata["quant_config"],
+                          **sizes.to_dict()}))
+        return 0
+    c = metadata["model_config"]
+    print(f"{args.checkpoint}: written by jaxq {metadata['jaxq_version']} from {metadata['source'] or '?'}")
+    print(f"model: {c['architecture']}, {c['num_layers']} blocks, hidden {c['hidden_size']}, "
+          f"MLP {c['intermediate_size']}, {c['num_heads']}/{c['num_kv_heads']} heads, vocab {c['vocab_size']}")
+    print(sizes.table())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="perplexity of a model (PROTOCOL.md)")
+
+    p = sub.add_parser("quantize", help="quantize a model and write an Orbax checkpoint")
     p.add_argument("--model", required=True, help="zoo name, HF directory, .gguf file or Hub id")
+    p.add_argument("--out", required=True, help="checkpoint directory (a new step is written atomically)")
+    _add_method_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a model or checkpoint (PROTOCOL.md)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="zoo name, HF directory, .gguf file or Hub id")
+    source.add_argument("--checkpoint", help="directory written by `jaxq quantize`")
     _add_eval_options(p)
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("inspect", help="layers, formats, bits and bytes of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inspect)
     return parser
 
 

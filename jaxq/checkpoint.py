@@ -1,0 +1,293 @@
+"""Orbax checkpoints of float or quantized params, with a versioned metadata record.
+
+A checkpoint directory is an orbax CheckpointManager root. Each save writes a new step into a
+temporary directory that orbax renames into place only when complete, then drops the older
+step: a crash mid-save leaves the previous checkpoint intact and loadable. Each step holds
+    params    the arrays (a format becomes a dict of its arrays: codes_0, scale, zero, ...)
+    metadata  JSON: checkpoint and jaxq versions, model config, QuantConfig, tokenizer, and a
+              record per leaf (format name and version, static fields, array shapes/dtypes)
+`load` rebuilds the exact formats from the record and checks every array against it and the
+model config's shapes, so a truncated, edited or foreign checkpoint fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import jaxq
+from jaxq import tree
+from jaxq.config import QuantConfig
+from jaxq.formats.base import FORMATS
+from models.config import LlamaConfig
+
+CHECKPOINT_VERSION = 1
+FLOAT = "float"
+RUNTIME_FIELDS = ("dtype", "param_dtype")  # dtype policy is chosen at load time, not stored
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be (safely) loaded, with the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    params: Any
+    model_config: LlamaConfig
+    quant_config: QuantConfig | None
+    tokenizer: Any
+    metadata: dict[str, Any]
+
+    def language_model(self):
+        """A `models.LanguageModel` ready for `apply` / `jaxq.evaluate`."""
+        from models.language_model import LanguageModel
+        return LanguageModel(self.model_config, self.params, self.tokenizer, self.metadata.get("source", ""))
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """An asynchronous save in flight; `wait()` blocks until it is committed."""
+
+    manager: ocp.CheckpointManager
+    directory: Path
+
+    def wait(self) -> Path:
+        self.manager.wait_until_finished()
+        self.manager.close()
+        return self.directory
+
+
+def _records(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(nested dict of arrays with string keys, {path: record})."""
+    arrays: dict[str, Any] = {}
+    records = {}
+    for path, leaf in tree.flatten(params)[0]:
+        node = arrays
+        *parents, name = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if tree.is_format(leaf):
+            node[name] = leaf.arrays()
+            records[path] = {"format": leaf.format_name, "version": leaf.format_version,
+                             "static": leaf.static_fields(),
+                             "arrays": {k: _spec(v) for k, v in node[name].items()}}
+        else:
+            node[name] = leaf
+            records[path] = {"format": FLOAT, "arrays": {"": _spec(leaf)}}
+    return arrays, records
+
+
+def _spec(array: Any) -> dict[str, Any]:
+    return {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name}
+
+
+def _tokenizer_record(tokenizer: Any) -> dict[str, Any] | None:
+    if tokenizer is None:
+        return None
+    return {"json": tokenizer.backend_tokenizer.to_str(), "special_tokens": tokenizer.special_tokens_map}
+
+
+def save(directory: str | os.PathLike, params: Any, *, model_config: LlamaConfig,
+         quant_config: QuantConfig | None = None, tokenizer: Any = None, source: str = "",
+         asynchronous: bool = False) -> Path | PendingSave:
+    """Write params (+ metadata) as a new step of `directory`; returns the directory, or a
+    `PendingSave` whose `wait()` commits it when `asynchronous`."""
+    directory = Path(directory).absolute()
+    arrays, records = _records(params)
+    metadata = {
+        "jaxq_checkpoint_version": CHECKPOINT_VERSION,
+        "jaxq_version": jaxq.__version__,
+        "model_config": model_config.to_dict(),
+        "quant_config": None if quant_config is None else quant_config.to_dict(),
+        "tokenizer": _tokenizer_record(tokenizer),
+        "source": source,
+        "leaves": records,
+    }
+    manager = _manager(directory, max_to_keep=1, enable_async_checkpointing=asynchronous)
+    step = 0 if manager.latest_step() is None else manager.latest_step() + 1
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays),
+                                               metadata=ocp.args.JsonSave(metadata)))
+    pending = PendingSave(manager, directory)
+    return pending if asynchronous else pending.wait()
+
+
+def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(**options),
+        item_handlers={"params": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()})
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata record of the newest complete checkpoint in `directory`, version-checked."""
+    manager, step = _open(directory)
+    try:
+        metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {directory}: metadata is unreadable ({type(err).__name__}: {err})") from None
+    finally:
+        manager.close()
+    _check_versions(directory, metadata)
+    return metadata
+
+
+def _open(directory: str | os.PathLike) -> tuple[ocp.CheckpointManager, int]:
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint at {directory}: directory not found")
+    manager = _manager(directory, create=False)
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise CheckpointError(f"no complete checkpoint in {directory} (an interrupted save leaves only "
+                              "a temporary directory behind)")
+    return manager, step
+
+
+def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
+    version = metadata.get("jaxq_checkpoint_version")
+    if version is None:
+        raise CheckpointError(f"{directory} is not a jaxq checkpoint (no jaxq_checkpoint_version)")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{directory} was written by jaxq {metadata.get('jaxq_version')} with checkpoint format "
+            f"{version}; this jaxq {jaxq.__version__} reads format {CHECKPOINT_VERSION}. Use a matching "
+            "jaxq version, or re-quantize the model")
+    for path, record in metadata["leaves"].items():
+        name = record["format"]
+        if name == FLOAT:
+            continue
+        if name not in FORMATS:
+            raise CheckpointError(f"{directory}: {path} uses format {name!r}, unknown to jaxq {jaxq.__version__}")
+        if record["version"] != FORMATS[name].format_version:
+            raise CheckpointError(
+                f"{directory}: {path} is format {name!r} version {record['version']}; this jaxq reads "
+                f"version {FORMATS[name].format_version}")
+
+
+def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
+         dtype: str | None = None) -> Checkpoint:
+    """Restore the newest checkpoint in `directory`.
+
+    expect: the model config the caller will run the params with; a checkpoint of a different
+      model is refused. dtype: compute dtype of the returned model config (default: as saved).
+    """
+    metadata = read_metadata(directory)
+    model_config = LlamaConfig.from_dict(metadata["model_config"])
+    if dtype is not None:
+        model_config = model_config.replace(dtype=dtype)
+    if expect is not None:
+        _check_same_model(directory, model_config, expect)
+    records = metadata["leaves"]
+    _check_against_model(directory, model_config, records)
+    abstract = _abstract_arrays(records)
+    manager, step = _open(directory)
+    try:
+        _check_stored_arrays(directory, manager.item_metadata(step)["params"], abstract)
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {directory} is corrupted or truncated: could not read its "
+                              f"arrays ({type(err).__name__}: {str(err)[:300]})") from None
+    finally:
+        manager.close()
+    params = _rebuild(restored, records)
+    quant = metadata.get("quant_config")
+    return Checkpoint(params=params, model_config=model_config,
+                      quant_config=None if quant is None else QuantConfig.from_dict(quant),
+                      tokenizer=_rebuild_tokenizer(metadata.get("tokenizer")), metadata=metadata)
+
+
+def _abstract_arrays(records: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict of ShapeDtypeStruct, the tree `save` wrote."""
+    out: dict[str, Any] = {}
+    for path, record in records.items():
+        node = out
+        *parents, name = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        specs = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in record["arrays"].items()}
+        node[name] = specs[""] if record["format"] == FLOAT else specs
+    return out
+
+
+def _check_stored_arrays(directory: Any, stored: Any, expected: Any) -> None:
+    """Orbax's own record of what was written must agree with the jaxq metadata."""
+    got = {tree.path_str(kp): (tuple(v.shape), np.dtype(v.dtype).name)
+           for kp, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {tree.path_str(kp): (tuple(v.shape), np.dtype(v.dtype).name)
+            for kp, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise CheckpointError(f"checkpoint {directory} is inconsistent: stored arrays differ from its "
+                              f"metadata record, e.g. {diff}")
+
+
+def _check_same_model(directory: Any, saved: LlamaConfig, expected: LlamaConfig) -> None:
+    a, b = saved.to_dict(), expected.to_dict()
+    diff = [f"{k}={a[k]!r} (expected {b[k]!r})" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]
+    if diff:
+        raise CheckpointError(f"checkpoint {directory} holds a different model: {', '.join(diff[:6])}")
+
+
+def _check_against_model(directory: Any, config: LlamaConfig, records: dict[str, Any]) -> None:
+    """Every leaf the model needs is there with the model's logical shape."""
+    from models.language_model import abstract_params
+
+    expected = {p: tuple(leaf.shape) for p, leaf in tree.flatten(abstract_params(config))[0]}
+    stored = {}
+    for path, record in records.items():
+        stored[path] = (tuple(record["static"]["shape"]) if record["format"] != FLOAT
+                        else tuple(record["arrays"][""]["shape"]))
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))[:3]
+        extra = sorted(set(stored) - set(expected))[:3]
+        shapes = [f"{p} {stored[p]} vs {expected[p]}" for p in sorted(set(stored) & set(expected))
+                  if stored[p] != expected[p]][:3]
+        raise CheckpointError(f"checkpoint {directory} does not match its model config: missing {missing}, "
+                              f"unexpected {extra}, shape mismatches {shapes}")
+
+
+def _rebuild(restored: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
+    """Restored nested arrays -> params tree with formats and integer layer keys."""
+    params: dict[Any, Any] = {}
+    for path, record in records.items():
+        node, stored = params, restored
+        *parents, name = path.split("/")
+        for key in parents:
+            stored = stored[key]
+            node = node.setdefault(int(key) if key.isdigit() else key, {})
+        value = stored[name]
+        if record["format"] != FLOAT:
+            value = FORMATS[record["format"]].from_arrays(value, record["static"])
+        node[name] = value
+    return params
+
+
+def abstract_params(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The params tree a checkpoint holds, formats included, with ShapeDtypeStruct arrays."""
+    return _rebuild(_abstract_arrays(metadata["leaves"]), metadata["leaves"])
+
+
+def _rebuild_tokenizer(record: dict[str, Any] | None):
+    if record is None:
+        return None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(record["json"]),
+                                   **record["special_tokens"])
+
+
+def quiet_orbax_logs() -> None:
+    """Orbax logs every step at INFO through absl; keep command-line output readable."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+

@@ -1,0 +1,59 @@
+"""Perplexity of RTN variants on one model (quick protocol by default), one JSON line each.
+
+    python scripts/rtn_sweep.py [--model smollm2-135m] [--windows 64] > rtn.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+import jaxq
+import models
+from jaxq import evaluate
+
+U = jaxq.UniformConfig
+VARIANTS = {
+    "fp": None,
+    "w4 g32 float-offset minmax": U(bits=4, group_size=32, zero_point="float"),
+    "w4 g32 int-zero minmax": U(bits=4, group_size=32),
+    "w4 g128 int-zero minmax": U(bits=4, group_size=128),
+    "w4 g128 float-offset minmax": U(bits=4, group_size=128, zero_point="float"),
+    "w4 g128 sym minmax": U(bits=4, group_size=128, symmetric=True),
+    "w4 g128 int-zero mse": U(bits=4, group_size=128, calibration="mse"),
+    "w4 per-channel int-zero minmax": U(bits=4, granularity="channel"),
+    "w3 g128 int-zero minmax": U(bits=3, group_size=128),
+    "w3 g128 int-zero mse": U(bits=3, group_size=128, calibration="mse"),
+    "w3 g128 int-zero percentile99.9": U(bits=3, group_size=128, calibration="percentile"),
+    "w2 g64 int-zero minmax": U(bits=2, group_size=64),
+    "w2 g64 int-zero mse": U(bits=2, group_size=64, calibration="mse"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = parser.parse_args()
+    lm = models.load(args.model)
+    for name, cfg in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        params = lm.params if cfg is None else jax.block_until_ready(jaxq.quantize(lm.params, cfg))
+        quantize_s = time.perf_counter() - start
+        report = evaluate.perplexity_report(lm, params, ctx=args.ctx, windows=args.windows, progress=False)
+        sizes = jaxq.size_report(params)
+        print(json.dumps({"variant": name, "ppl": report.ppl, "quantize_seconds": quantize_s,
+                          "eval_seconds": report.seconds, "windows": report.windows, "ctx": report.ctx,
+                          "quantized_bytes": sizes.quantized_bytes,
+                          "quantized_bf16_bytes": sizes.quantized_bf16_bytes}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
