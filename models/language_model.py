@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.llama import DecoderBlock, KVCache, Llama
+from models.llama import DecoderBlock, KVCache, Llama, attention_mask
 
 Params = dict[str, Any]
 
@@ -23,9 +23,33 @@ def model_graphdef(config: LlamaConfig) -> nnx.GraphDef:
 
 
 @functools.lru_cache(maxsize=32)
-def block_graphdef(config: LlamaConfig) -> nnx.GraphDef:
+def block_graphdef(config: LlamaConfig, capture_inputs: bool = False) -> nnx.GraphDef:
     """Static structure of one decoder block, for block-at-a-time calibration."""
-    return nnx.split(nnx.eval_shape(lambda: DecoderBlock(config, rngs=nnx.Rngs(0))))[0]
+    return nnx.split(nnx.eval_shape(
+        lambda: DecoderBlock(config, rngs=nnx.Rngs(0), capture_inputs=capture_inputs)))[0]
+
+
+def block_forward(config: LlamaConfig, block_params: Params, x: jax.Array, capture_inputs: bool = False):
+    """One decoder block on full sequences: x [B, T, hidden] -> (y [B, T, hidden], inputs).
+
+    inputs: {"self_attn/q_proj": [B, T, in], ...} what each linear read (empty unless
+    capture_inputs). Positions start at 0; the mask is causal (and sliding-window).
+    """
+    b, t, _ = x.shape
+    block = nnx.merge(block_graphdef(config, capture_inputs), block_params)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = attention_mask(positions, positions, jnp.ones((b, t), bool), config.sliding_window)
+    if not capture_inputs:
+        return block(x, positions, mask)[0], {}
+    (y, _), captured = nnx.capture(block, nnx.Intermediate)(x, positions, mask)
+    return y, {f"{module}/{linear}": leaf["inputs"][0] for module, linears in nnx.to_pure_dict(captured).items()
+               for linear, leaf in linears.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """tokens int32 [B, T] -> hidden states [B, T, hidden] in the compute dtype."""
+    return nnx.merge(model_graphdef(config), params).embed(tokens)
 
 
 def abstract_params(config: LlamaConfig) -> Params:

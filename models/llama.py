@@ -8,6 +8,7 @@ Parameters follow Hugging Face's names with Flax's (in, out) kernel layout, e.g.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -100,14 +101,44 @@ class KVCache:
         return self.keys.shape[2]
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel with kernel (in, out): a float array or a jaxq quantized format."""
+@dataclasses.dataclass(frozen=True)
+class LinearGroup:
+    """Linears of a block that read the same input, in calibration order.
 
-    def __init__(self, in_features: int, out_features: int, *, param_dtype, rngs: nnx.Rngs):
+    norm: the RMSNorm producing that input (its scale can absorb a per-channel 1/s);
+    previous: the linear producing it (its output columns can absorb 1/s when shapes match).
+    """
+
+    name: str
+    linears: tuple[str, ...]
+    norm: str | None = None
+    previous: str | None = None
+
+
+BLOCK_LINEAR_GROUPS = (
+    LinearGroup("attn_in", ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), norm="input_layernorm"),
+    LinearGroup("attn_out", ("self_attn/o_proj",), previous="self_attn/v_proj"),
+    LinearGroup("mlp_in", ("mlp/gate_proj", "mlp/up_proj"), norm="post_attention_layernorm"),
+    LinearGroup("mlp_out", ("mlp/down_proj",), previous="mlp/up_proj"),
+)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel with kernel (in, out): a float array or a jaxq quantized format.
+
+    With capture_inputs, each call sows its input as an nnx.Intermediate named 'inputs', which
+    `nnx.capture` collects (the calibration driver's way of seeing what every linear reads).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, param_dtype, rngs: nnx.Rngs,
+                 capture_inputs: bool = False):
         init = nnx.initializers.normal(INIT_STD)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.capture_inputs = capture_inputs
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.capture_inputs:
+            self.sow(nnx.Intermediate, "inputs", x)
         return qdot(x, self.kernel.get_value())
 
 
@@ -127,13 +158,14 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE, optional sliding window and KV cache."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, capture_inputs: bool = False):
         c = config
-        pd = jnp.dtype(c.param_dtype)
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, param_dtype=pd, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, param_dtype=pd, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, param_dtype=pd, rngs=rngs)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, param_dtype=pd, rngs=rngs)
+        linear = functools.partial(Linear, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs,
+                                   capture_inputs=capture_inputs)
+        self.q_proj = linear(c.hidden_size, c.num_heads * c.head_dim)
+        self.k_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.v_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.o_proj = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.inv_freq = tuple(rope_inv_freq(c).tolist())
 
@@ -166,12 +198,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(config.param_dtype)
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, capture_inputs: bool = False):
+        linear = functools.partial(Linear, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs,
+                                   capture_inputs=capture_inputs)
         h, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(h, m, param_dtype=pd, rngs=rngs)
-        self.up_proj = Linear(h, m, param_dtype=pd, rngs=rngs)
-        self.down_proj = Linear(m, h, param_dtype=pd, rngs=rngs)
+        self.gate_proj = linear(h, m)
+        self.up_proj = linear(h, m)
+        self.down_proj = linear(m, h)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -180,12 +213,12 @@ class MLP(nnx.Module):
 class DecoderBlock(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, capture_inputs: bool = False):
         pd = jnp.dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
-        self.self_attn = Attention(config, rngs=rngs)
+        self.self_attn = Attention(config, rngs=rngs, capture_inputs=capture_inputs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs, capture_inputs=capture_inputs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None):
         """x: [B, T, hidden] -> ([B, T, hidden], this layer's (keys, values))."""
