@@ -108,6 +108,75 @@ def register_method(cls: type) -> type:
     return cls
 
 
+@register_method
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ/OPTQ (Frantar et al. 2023): column-by-column rounding with Hessian error feedback.
+
+    block_size: columns per lazy batch update. damp: lambda = damp * mean(diag H), multiplied
+    by 10 on Cholesky failure up to `max_damp` (logged). act_order: columns by descending
+    diag H; with `static_groups` the group grids are fit on the original W first (codes stay
+    in input order), otherwise groups follow the permuted order and the format stores the
+    permutation. true_sequential: q/k/v -> o -> gate/up -> down, re-collecting inputs after
+    each stage.
+    """
+
+    method: ClassVar[str] = "gptq"
+    data_free: ClassVar[bool] = False
+
+    uniform: UniformConfig = UniformConfig()
+    block_size: int = 128
+    damp: float = 0.01
+    max_damp: float = 1.0
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.damp <= 0 or self.max_damp < self.damp:
+            raise ConfigError("gptq needs block_size > 0 and 0 < damp <= max_damp")
+        u = self.uniform
+        if u.granularity == "group" and (self.block_size % u.group_size and u.group_size % self.block_size):
+            raise ConfigError(f"gptq block_size={self.block_size} and group_size={u.group_size}: one must "
+                              "divide the other")
+        if u.calibration == "percentile":
+            raise ConfigError("gptq fits each group's grid by minmax or mse; percentile is not supported")
+
+    def describe(self) -> str:
+        flags = [f for f, on in (("act-order", self.act_order), ("static-groups", self.static_groups)) if on]
+        return " ".join(["gptq", self.uniform.describe().split(" ", 1)[1], *flags])
+
+
+@register_method
+@dataclasses.dataclass(frozen=True)
+class AWQConfig:
+    """AWQ (Lin et al. 2024): per-input-channel scales s = mean|x|^alpha searched on a grid of
+    `alpha_grid` values, folded into the preceding RMSNorm or linear; then a clip search that
+    shrinks each group's max |w| (`clip_grid` steps, down to 1 - `clip_max_shrink`) on
+    `clip_tokens` tokens; then RTN. The scale search uses at most `search_tokens` tokens.
+    """
+
+    method: ClassVar[str] = "awq"
+    data_free: ClassVar[bool] = False
+
+    uniform: UniformConfig = UniformConfig()
+    alpha_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    search_tokens: int = 4096
+
+    def __post_init__(self):
+        if self.alpha_grid < 1 or self.clip_grid < 1 or not 0 < self.clip_max_shrink < 1:
+            raise ConfigError("awq needs alpha_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
+        if min(self.clip_tokens, self.search_tokens) < 1:
+            raise ConfigError("awq needs clip_tokens >= 1 and search_tokens >= 1")
+
+    def describe(self) -> str:
+        return " ".join(["awq", self.uniform.describe().split(" ", 1)[1]] + ([] if self.clip else ["no-clip"]))
+
+
 def method_config(name: str, **settings: Any):
     """The config of the method called `name` with `settings`."""
     if name not in METHODS:
@@ -183,6 +252,6 @@ def _from_settings(cls: type, settings: dict[str, Any]) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in settings:
             value = settings[f.name]
-            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            kwargs[f.name] = _from_settings(type(nested()), value) if isinstance(value, dict) and nested else value
+            nested = dataclasses.is_dataclass(f.default) and isinstance(value, dict)
+            kwargs[f.name] = _from_settings(type(f.default), value) if nested else value
     return cls(**kwargs)

@@ -1,0 +1,100 @@
+"""AWQ (Lin et al. 2024): activation-aware per-input-channel scaling, then clipping, then RTN.
+
+For linears sharing an input x (q/k/v; gate/up; o after v; down after up):
+  s = mean|x|^alpha, normalised by sqrt(max(s) min(s)); alpha on a grid of `alpha_grid` values
+  in [0, 1) minimising  mean((x/s) Q(diag(s) W) - x W)^2  over the group's outputs.
+W <- diag(s) W and 1/s is folded into whatever produces x (RMSNorm scale or the preceding
+linear's output columns), which is exact in float. Then, per linear except q/k, each group's
+max |w| is shrunk (clip search) to minimise the group's partial output error on a few hundred
+tokens, and the clipped weight is quantized by RTN.
+
+Deviation from llm-awq, on purpose: the scale search measures the error of the group's linear
+outputs, not of the whole attention / MLP module (that would run the block 20 times per group).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.config import AWQConfig, UniformConfig
+from jaxq.methods import rtn
+
+NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")  # llm-awq skips q/k: their error is softmax-shaped
+
+
+def normalized_scales(abs_mean: jax.Array, alpha: jax.Array) -> jax.Array:
+    """s = clamp(mean|x|^alpha, 1e-4) / sqrt(max(s) min(s)): [K] -> [K]."""
+    s = jnp.maximum(abs_mean.astype(jnp.float32) ** alpha, 1e-4)
+    return s / jnp.sqrt(s.max() * s.min())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def search_scale(x: jax.Array, w: jax.Array, abs_mean: jax.Array, cfg: AWQConfig):
+    """x [T, K] inputs, w [K, N] the group's kernels side by side, abs_mean [K] = mean|x| over
+    all calibration tokens -> (s [K], best alpha, loss per alpha [alpha_grid])."""
+    x = x.astype(jnp.float32)
+    w = w.astype(jnp.float32)
+    reference = x @ w
+
+    def loss(alpha):
+        s = normalized_scales(abs_mean, alpha)
+        q = rtn.fake_quantize(w * s[:, None], cfg.uniform)
+        return jnp.mean(((x / s) @ q - reference) ** 2)
+
+    alphas = jnp.arange(cfg.alpha_grid, dtype=jnp.float32) / cfg.alpha_grid
+    losses = jax.lax.map(loss, alphas)
+    best = alphas[jnp.argmin(losses)]
+    return normalized_scales(abs_mean, best), best, losses
+
+
+def _grouped(w: jax.Array, x: jax.Array, group_size: int):
+    """w [K, N], x [T, K] -> zero-padded w [G, g, N], x [T, G, g]."""
+    k = w.shape[0]
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    wg = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, group_size, -1)
+    xg = jnp.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], groups, group_size)
+    return wg, xg
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def search_clip(x: jax.Array, w: jax.Array, cfg: AWQConfig) -> jax.Array:
+    """Per (group, output) clipping threshold: x [T, K], w [K, N] -> max |w| [G, N].
+
+    Candidates max|w| * (1 - i/clip_grid), i < clip_max_shrink * clip_grid; the error of a
+    candidate is the mean over tokens of the squared change of the group's partial output.
+    """
+    u = cfg.uniform
+    group = u.group_size if u.granularity == "group" else w.shape[0]
+    wg, xg = _grouped(w.astype(jnp.float32), x.astype(jnp.float32), group)
+    reference = jnp.einsum("tgj,gjn->tgn", xg, wg)
+    original_max = jnp.abs(wg).max(axis=1)  # [G, N]
+
+    def step(i, best):
+        best_err, best_max = best
+        max_val = original_max * (1.0 - i / cfg.clip_grid)
+        clipped = jnp.clip(w, -_rows(max_val, group, w.shape[0]), _rows(max_val, group, w.shape[0]))
+        q = rtn.fake_quantize(clipped.astype(jnp.float32), u)
+        out = jnp.einsum("tgj,gjn->tgn", xg, _grouped(q, x, group)[0])
+        err = jnp.mean((out - reference) ** 2, axis=0)
+        better = err < best_err
+        return jnp.where(better, err, best_err), jnp.where(better, max_val, best_max)
+
+    steps = int(cfg.clip_max_shrink * cfg.clip_grid)
+    _, best_max = jax.lax.fori_loop(0, steps, step, (jnp.full(original_max.shape, jnp.inf), original_max))
+    return best_max
+
+
+def _rows(per_group: jax.Array, group_size: int, k: int) -> jax.Array:
+    """[G, N] per-group values repeated over their input rows: [K, N]."""
+    return jnp.repeat(per_group, group_size, axis=0, total_repeat_length=per_group.shape[0] * group_size)[:k]
+
+
+def clip_weight(w: jax.Array, max_abs: jax.Array, cfg: UniformConfig) -> jax.Array:
+    """w [K, N] clipped to +-max_abs [G, N] per group."""
+    group = cfg.group_size if cfg.granularity == "group" else w.shape[0]
+    bound = _rows(max_abs, group, w.shape[0]).astype(w.dtype)
+    return jnp.clip(w, -bound, bound)
