@@ -95,28 +95,35 @@ def _tokenizer_record(tokenizer: Any) -> dict[str, Any] | None:
     return {"json": tokenizer.backend_tokenizer.to_str(), "special_tokens": tokenizer.special_tokens_map}
 
 
+def write_tree(directory: str | os.PathLike, tree: Any, metadata: dict[str, Any], *, step: int | None = None,
+               max_to_keep: int | None = 1, asynchronous: bool = False) -> Path | PendingSave:
+    """Write a tree of arrays and formats as a new step (default: latest + 1) of `directory`,
+    with `metadata` plus the versions and per-leaf records `read_tree` validates against."""
+    directory = Path(directory).absolute()
+    arrays, records = _records(tree)
+    metadata = {"jaxq_checkpoint_version": CHECKPOINT_VERSION, "jaxq_version": jaxq.__version__,
+                **metadata, "leaves": records}
+    manager = _manager(directory, max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous)
+    if step is None:
+        step = 0 if manager.latest_step() is None else manager.latest_step() + 1
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays),
+                                               metadata=ocp.args.JsonSave(metadata)))
+    pending = PendingSave(manager, directory)
+    return pending if asynchronous else pending.wait()
+
+
 def save(directory: str | os.PathLike, params: Any, *, model_config: LlamaConfig,
          quant_config: QuantConfig | None = None, tokenizer: Any = None, source: str = "",
          asynchronous: bool = False) -> Path | PendingSave:
     """Write params (+ metadata) as a new step of `directory`; returns the directory, or a
     `PendingSave` whose `wait()` commits it when `asynchronous`."""
-    directory = Path(directory).absolute()
-    arrays, records = _records(params)
     metadata = {
-        "jaxq_checkpoint_version": CHECKPOINT_VERSION,
-        "jaxq_version": jaxq.__version__,
         "model_config": model_config.to_dict(),
         "quant_config": None if quant_config is None else quant_config.to_dict(),
         "tokenizer": _tokenizer_record(tokenizer),
         "source": source,
-        "leaves": records,
     }
-    manager = _manager(directory, max_to_keep=1, enable_async_checkpointing=asynchronous)
-    step = 0 if manager.latest_step() is None else manager.latest_step() + 1
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(arrays),
-                                               metadata=ocp.args.JsonSave(metadata)))
-    pending = PendingSave(manager, directory)
-    return pending if asynchronous else pending.wait()
+    return write_tree(directory, params, metadata, asynchronous=asynchronous)
 
 
 def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
@@ -125,9 +132,9 @@ def _manager(directory: Path, **options: Any) -> ocp.CheckpointManager:
         item_handlers={"params": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()})
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """The metadata record of the newest complete checkpoint in `directory`, version-checked."""
-    manager, step = _open(directory)
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The metadata record of the newest (or a given) complete step in `directory`, version-checked."""
+    manager, step = _open(directory, step)
     try:
         metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
     except Exception as err:
@@ -138,13 +145,13 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
-def _open(directory: str | os.PathLike) -> tuple[ocp.CheckpointManager, int]:
+def _open(directory: str | os.PathLike, step: int | None = None) -> tuple[ocp.CheckpointManager, int]:
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint at {directory}: directory not found")
     manager = _manager(directory, create=False)
-    step = manager.latest_step()
-    if step is None:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
         manager.close()
         raise CheckpointError(f"no complete checkpoint in {directory} (an interrupted save leaves only "
                               "a temporary directory behind)")
@@ -172,23 +179,11 @@ def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
                 f"version {FORMATS[name].format_version}")
 
 
-def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
-         dtype: str | None = None) -> Checkpoint:
-    """Restore the newest checkpoint in `directory`.
-
-    expect: the model config the caller will run the params with; a checkpoint of a different
-      model is refused. dtype: compute dtype of the returned model config (default: as saved).
-    """
-    metadata = read_metadata(directory)
-    model_config = LlamaConfig.from_dict(metadata["model_config"])
-    if dtype is not None:
-        model_config = model_config.replace(dtype=dtype)
-    if expect is not None:
-        _check_same_model(directory, model_config, expect)
+def read_tree(directory: str | os.PathLike, metadata: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    """Restore the arrays `metadata` (from `read_metadata`) describes and rebuild the formats."""
     records = metadata["leaves"]
-    _check_against_model(directory, model_config, records)
     abstract = _abstract_arrays(records)
-    manager, step = _open(directory)
+    manager, step = _open(directory, step)
     try:
         _check_stored_arrays(directory, manager.item_metadata(step)["params"], abstract)
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
@@ -199,22 +194,43 @@ def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
                               f"arrays ({type(err).__name__}: {str(err)[:300]})") from None
     finally:
         manager.close()
-    params = _rebuild(restored, records)
+    return _rebuild(restored, records)
+
+
+def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
+         dtype: str | None = None) -> Checkpoint:
+    """Restore the newest checkpoint in `directory`.
+
+    expect: the model config the caller will run the params with; a checkpoint of a different
+      model is refused. dtype: compute dtype of the returned model config (default: as saved).
+    """
+    metadata = read_metadata(directory)
+    if "model_config" not in metadata:
+        raise CheckpointError(f"{directory} holds no model (it is not a `jaxq quantize` checkpoint)")
+    model_config = LlamaConfig.from_dict(metadata["model_config"])
+    if dtype is not None:
+        model_config = model_config.replace(dtype=dtype)
+    if expect is not None:
+        _check_same_model(directory, model_config, expect)
+    _check_against_model(directory, model_config, metadata["leaves"])
     quant = metadata.get("quant_config")
-    return Checkpoint(params=params, model_config=model_config,
+    return Checkpoint(params=read_tree(directory, metadata), model_config=model_config,
                       quant_config=None if quant is None else QuantConfig.from_dict(quant),
                       tokenizer=_rebuild_tokenizer(metadata.get("tokenizer")), metadata=metadata)
 
 
 def _abstract_arrays(records: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict of ShapeDtypeStruct, the tree `save` wrote."""
+    """Nested dict of ShapeDtypeStruct, the tree `save` wrote, placed on the first local device
+    whatever mesh it was saved from (re-shard with `jaxq.sharding.shard_params`)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     out: dict[str, Any] = {}
     for path, record in records.items():
         node = out
         *parents, name = path.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        specs = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in record["arrays"].items()}
+        specs = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"]), sharding=device)
+                 for k, v in record["arrays"].items()}
         node[name] = specs[""] if record["format"] == FLOAT else specs
     return out
 

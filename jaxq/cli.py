@@ -20,6 +20,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
+    p.add_argument("--data-parallel", type=int, default=1, help="split windows over this many devices")
+    p.add_argument("--model-parallel", type=int, default=1, help="split each weight's outputs over this many devices")
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +40,25 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=99.9)
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
+    gptq = p.add_argument_group("gptq")
+    gptq.add_argument("--act-order", action="store_true", help="quantize inputs by descending Hessian diagonal")
+    gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids first")
+    gptq.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                      help="collect all Hessians of a block before quantizing any of its linears")
+    gptq.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
+    awq = p.add_argument_group("awq")
+    awq.add_argument("--no-clip", dest="clip", action="store_false", help="skip AWQ's clip search")
+    cal = p.add_argument_group("calibration (gptq, awq)")
+    cal.add_argument("--calib-data", default=data.CALIBRATION_SOURCE,
+                     help="calibration text: a named source or a file (default %(default)s)")
+    cal.add_argument("--calib-samples", type=int, default=32, help="windows (quick: 32, full: 128)")
+    cal.add_argument("--calib-len", type=int, default=512, help="tokens per window")
+    cal.add_argument("--calib-step", type=int, default=8, help="windows per step over all devices")
+    cal.add_argument("--devices", type=int, default=None, help="devices to shard calibration over (default all)")
+    cal.add_argument("--propagate", default="quantized", choices=("quantized", "float"),
+                     help="next block's inputs from the quantized (GPTQ) or float (AWQ) block")
+    cal.add_argument("--resume", default=None, metavar="DIR", help="save per-block progress here and resume from it")
+    cal.add_argument("--data-dir", default=None, help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV})")
 
 
 def quant_config_from_args(args: argparse.Namespace):
@@ -45,7 +67,10 @@ def quant_config_from_args(args: argparse.Namespace):
     uniform = UniformConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
                             symmetric=args.sym, zero_point=args.zero_point, calibration=args.calibration,
                             percentile=args.percentile)
-    method = uniform if args.method == "rtn" else method_config(args.method, uniform=uniform)
+    extra = {"gptq": dict(act_order=args.act_order, static_groups=args.static_groups,
+                          true_sequential=args.true_sequential, damp=args.damp),
+             "awq": dict(clip=args.clip)}.get(args.method, {})
+    method = uniform if args.method == "rtn" else method_config(args.method, uniform=uniform, **extra)
     rules = tuple(Rule(pattern, None) for pattern in args.keep_float) + (Rule(DEFAULT_PATTERN, method),)
     return QuantConfig(rules=rules)
 
@@ -59,14 +84,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     checkpoint.quiet_orbax_logs()
     cfg = quant_config_from_args(args)
     lm = models.load(args.model)
+    calib = None
+    if any(rule.method is not None and not type(rule.method).data_free for rule in cfg.rules):
+        from jaxq import calibrate
+
+        calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,
+                                    data_dir=args.data_dir, step_samples=args.calib_step, devices=args.devices,
+                                    propagate=args.propagate, resume_dir=args.resume, progress=not args.quiet)
     start = time.perf_counter()
-    qparams = quantization.quantize(lm.params, cfg, progress=not args.json)
+    qparams = quantization.quantize(lm.params, cfg, calib, progress=not args.quiet)
     seconds = time.perf_counter() - start
     checkpoint.save(args.out, qparams, model_config=lm.config, quant_config=cfg, tokenizer=lm.tokenizer,
                     source=str(args.model))
     sizes = report.size_report(qparams)
     summary = {"model": args.model, "out": str(args.out), "quant_config": cfg.to_dict(),
-               "quantize_seconds": seconds, "quantized_weights": len(sizes.quantized),
+               "quantize_seconds": seconds,
+               "calibration": None if calib is None else {"samples": int(calib.tokens.shape[0]),
+                                                          "length": int(calib.tokens.shape[1]),
+                                                          "source": args.calib_data}, "quantized_weights": len(sizes.quantized),
                "quantized_bytes": sizes.quantized_bytes, "quantized_bf16_bytes": sizes.quantized_bf16_bytes}
     if args.json:
         print(json.dumps(summary))
@@ -86,9 +121,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         lm = models.load(args.model, dtype=args.dtype)
     ctx, windows = (2048, None) if args.full else (args.ctx, args.windows)
+    mesh = None
+    if args.data_parallel * args.model_parallel > 1:
+        from jaxq import sharding
+
+        mesh = sharding.make_mesh(data=args.data_parallel, model=args.model_parallel)
     report = evaluate.perplexity_report(lm, lm.params, args.data, ctx=ctx, windows=windows,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
-                                        progress=not args.json)
+                                        progress=not args.quiet, mesh=mesh)
     name = args.checkpoint or args.model
     result = {"model": name, "data": args.data, **report.to_dict()}
     if args.json:
@@ -127,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory (a new step is written atomically)")
     _add_method_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity of a model or checkpoint (PROTOCOL.md)")

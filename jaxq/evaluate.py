@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from jaxq import data
+from jaxq.sharding import DATA_AXIS, shard_params
 from models.config import LlamaConfig
 from models.language_model import LanguageModel, Params, forward
 from models.llama import KVCache
@@ -55,20 +58,32 @@ def resolve_text(text_or_source: str, data_dir: str | os.PathLike | None = None)
 
 def perplexity_report(lm: LanguageModel, params: Params, text_or_source: str = data.EVAL_SOURCE, *,
                       ctx: int = 512, windows: int | None = 64, batch_size: int = 8,
-                      data_dir: str | os.PathLike | None = None, progress: bool = True) -> PerplexityReport:
-    """exp(mean NLL over every predicted position of the first `windows` windows of `ctx`)."""
+                      data_dir: str | os.PathLike | None = None, progress: bool = True,
+                      mesh: Mesh | None = None) -> PerplexityReport:
+    """exp(mean NLL over every predicted position of the first `windows` windows of `ctx`).
+
+    mesh: a (data, model) mesh (`jaxq.sharding.make_mesh`): windows are split over "data",
+    params along their output axis over "model"; batch_size must be a multiple of "data".
+    """
     ids = np.asarray(lm.encode(resolve_text(text_or_source, data_dir)), np.int32)
     tokens = data.eval_windows(ids, ctx, windows)
+    place = lambda batch: jnp.asarray(batch)
+    if mesh is not None:
+        if batch_size % mesh.shape[DATA_AXIS]:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.shape[DATA_AXIS]} data shards")
+        params = shard_params(params, mesh)
+        batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        place = lambda batch: jax.device_put(batch, batch_sharding)
     start = time.perf_counter()
     total = 0.0
-    batch_size = min(batch_size, len(tokens))
+    batch_size = batch_size if mesh is not None else min(batch_size, len(tokens))
     bar = tqdm(total=len(tokens), desc=f"perplexity ctx={ctx}", unit="win", disable=not progress)
     for lo in range(0, len(tokens), batch_size):
         batch = tokens[lo: lo + batch_size]
         real = len(batch)
         if real < batch_size:  # pad to one compiled shape; padded windows are dropped below
             batch = np.concatenate([batch, np.zeros((batch_size - real, ctx), np.int32)])
-        nll = np.asarray(window_nll(lm.config, params, jnp.asarray(batch)), np.float64)
+        nll = np.asarray(window_nll(lm.config, params, place(batch)), np.float64)
         total += float(nll[:real].sum())
         bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / ((lo + real) * (ctx - 1))):.3f}")

@@ -96,11 +96,20 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
     check_finite(leaves, assignments)
     out = [leaf for _, leaf in leaves]
     data_aware = [a for a in assignments if not type(a.method).data_free]
+    if data_aware and calib is None:
+        raise ConfigError(f"method {data_aware[0].method.method!r} needs calibration data "
+                          f"(calib=jaxq.calibrate.from_text(lm) or a Calibration), e.g. for {data_aware[0].path}")
     if data_aware:
-        if calib is None:
-            raise ConfigError(f"method {data_aware[0].method.method!r} needs calibration data "
-                              f"(calib=...), e.g. for {data_aware[0].path}")
-        raise ConfigError(f"data-aware method {data_aware[0].method.method!r} is not available yet")
+        from jaxq.calibrate import sequential  # imports models, which import jaxq.ops: not at module load
+
+        # every block linear goes through the driver, so later blocks see quantized inputs; the
+        # driver refuses data-aware methods outside the blocks
+        driven = [a for a in assignments if a.path.startswith("layers/") or not type(a.method).data_free]
+        calibrated = sequential.run(tree.unflatten(treedef, out), {a.path: a.method for a in driven}, calib)
+        by_path = dict(tree.flatten(calibrated)[0])
+        for index, (path, _) in enumerate(leaves):
+            out[index] = by_path[path]
+        assignments = [a for a in assignments if a not in driven]
     batches: dict[tuple, list[Assignment]] = defaultdict(list)
     for a in assignments:
         leaf = leaves[a.index][1]

@@ -42,6 +42,11 @@ class QuantizedArray(abc.ABC):
     def describe(self) -> str:
         """Short human description of the encoding, e.g. 'w4 g128 int-zero'."""
 
+    @abc.abstractmethod
+    def partition_specs(self, axis: str) -> QuantizedArray:
+        """The same format with a PartitionSpec in place of each array: arrays split along the
+        output axis over mesh axis `axis`, the rest replicated (for NamedSharding)."""
+
     # -- generic, driven by the dataclass fields ------------------------------------------
 
     @classmethod

@@ -14,6 +14,7 @@ Dequantization is affine in the code q for every zero-point mode:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import jax
@@ -58,6 +59,13 @@ class UniformQ(QuantizedArray):
             "per-tensor" if self.scale.shape == (1, 1) else "per-channel")
         zero = {"int": "int-zero", "float": "float-offset", "none": "sym"}[self.zero_point]
         return f"w{self.bits} {grain} {zero}" + (" act-order" if self.perm is not None else "")
+
+    def partition_specs(self, axis: str) -> UniformQ:
+        from jax.sharding import PartitionSpec as P
+
+        rows = lambda a: None if a is None else (P(axis, None) if a.shape[0] == self.shape[1] else P())
+        return dataclasses.replace(self, codes=tuple(P(axis, None) for _ in self.codes), scale=rows(self.scale),
+                                   zero=rows(self.zero), perm=None if self.perm is None else P())
 
     @property
     def num_groups(self) -> int:

@@ -1,0 +1,46 @@
+"""Lay params out over a device mesh: weights split along their output axis (formats too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxq import tree
+
+DATA_AXIS, MODEL_AXIS = "data", "model"
+
+
+def make_mesh(data: int = 1, model: int = 1) -> Mesh:
+    """A (data, model) mesh over the first data*model devices."""
+    devices = jax.devices()
+    if data * model > len(devices):
+        raise ValueError(f"a {data}x{model} mesh needs {data * model} devices, {len(devices)} available")
+    return Mesh(np.array(devices[: data * model]).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def _spec(path: str, leaf: Any, axis: str, size: int) -> Any:
+    if tree.is_format(leaf):
+        return leaf.partition_specs(axis) if leaf.shape[1] % size == 0 else jax.tree_util.tree_map(lambda _: P(), leaf)
+    if not hasattr(leaf, "ndim"):
+        return P()
+    if leaf.ndim == 2 and path.endswith("embedding"):
+        return P(axis, None) if leaf.shape[0] % size == 0 else P()  # vocab rows: the tied head's outputs
+    if leaf.ndim == 2:
+        return P(None, axis) if leaf.shape[1] % size == 0 else P()   # (in, out) kernels
+    return P()
+
+
+def shard_params(params: Any, mesh: Mesh, axis: str = MODEL_AXIS) -> Any:
+    """device_put every leaf with its NamedSharding (replicated where the axis does not divide)."""
+    leaves, treedef = tree.flatten(params)
+    size = mesh.shape[axis]
+    out = []
+    for path, leaf in leaves:
+        structure = jax.tree_util.tree_structure(leaf)
+        specs = structure.flatten_up_to(_spec(path, leaf, axis, size))  # PartitionSpecs are tuples: stop at leaf's arrays
+        arrays = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(structure.flatten_up_to(leaf), specs)]
+        out.append(structure.unflatten(arrays))
+    return tree.unflatten(treedef, out)

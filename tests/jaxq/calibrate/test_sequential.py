@@ -1,0 +1,144 @@
+"""The block-by-block driver on tiny random models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxq
+import models
+from jaxq import calibrate, tree
+from jaxq.calibrate import memory, resume, sequential
+from jaxq.config import AWQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig
+from models.language_model import block_forward, embed
+
+GQA = models.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16)
+MHA = GQA.replace(num_kv_heads=4)
+GPTQ3 = GPTQConfig(uniform=UniformConfig(bits=3, group_size=32))
+
+
+def calibration(config, rng, samples=8, length=32, **options):
+    tokens = rng.integers(0, config.vocab_size, size=(samples, length)).astype(np.int32)
+    return calibrate.Calibration(config=config, tokens=tokens, step_samples=4, progress=False, **options)
+
+
+def codes(params, path):
+    fmt = dict(tree.flatten(params)[0])[path]
+    return np.asarray(fmt.stored_codes())
+
+
+def test_hessian_matches_float64_of_the_captured_inputs(rng):
+    params = models.init_params(GQA, seed=0)
+    cal = calibration(GQA, rng)
+    mesh = sequential.make_mesh(1)
+    h = embed(GQA, params, jnp.asarray(cal.tokens)).astype(jnp.float32)
+    needs = (("mlp_out", "mlp/down_proj", ("hessian", "abs_sum")),)
+    got = sequential.collect(GQA, mesh, params["layers"][0], h, needs, cal.step_samples)["mlp_out"]
+    _, captured = block_forward(GQA, params["layers"][0], h, capture_inputs=True)
+    x = np.asarray(captured["mlp/down_proj"], np.float64).reshape(-1, 96)
+    want = x.T @ x
+    bound = np.sqrt(np.outer(np.diag(want), np.diag(want)))
+    assert np.all(np.abs(np.asarray(got["hessian"]) - want) <= 1e-5 * bound)
+    np.testing.assert_allclose(np.asarray(got["abs_sum"]), np.abs(x).sum(0), rtol=1e-5)
+
+
+def test_later_blocks_see_the_quantized_outputs(rng):
+    params = models.init_params(GQA, seed=0)
+    quantized = jaxq.quantize(params, GPTQ3, calibration(GQA, rng))
+    from_float = jaxq.quantize(params, GPTQ3, calibration(GQA, np.random.default_rng(0), propagate="float"))
+    first, second = "layers/0/mlp/up_proj/kernel", "layers/1/mlp/up_proj/kernel"
+    np.testing.assert_array_equal(codes(quantized, first), codes(from_float, first))
+    assert not np.array_equal(codes(quantized, second), codes(from_float, second))
+
+
+def test_gptq_through_the_driver_beats_rtn_on_the_model_output(rng):
+    params = models.init_params(GQA, seed=0)
+    lm = models.LanguageModel(GQA, params)
+    held_out = rng.integers(0, 97, size=(4, 32))
+    reference = np.asarray(lm.apply(params, held_out))
+    error = lambda q: float(np.mean((np.asarray(lm.apply(q, held_out)) - reference) ** 2))
+    cfg = GPTQConfig(uniform=UniformConfig(bits=2, group_size=32))
+    gptq_error = error(jaxq.quantize(params, cfg, calibration(GQA, rng, samples=16)))
+    rtn_error = error(jaxq.quantize(params, cfg.uniform))
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+
+
+@pytest.mark.parametrize("config, v_scaled", [(MHA, True), (GQA, False)])
+def test_awq_scaling_is_exact_in_float(config, v_scaled, rng):
+    """Scales folded into norms / the previous linear leave the float block's function unchanged;
+    v -> o is only folded when v's outputs are o's inputs (not under GQA)."""
+    params = models.init_params(config, seed=1)
+    block = params["layers"][0]
+    cal = calibration(config, rng)
+    mesh = sequential.make_mesh(1)
+    h = embed(config, params, jnp.asarray(cal.tokens)).astype(jnp.float32)
+    methods = {l: AWQConfig(uniform=UniformConfig(bits=3, group_size=32), clip=False)
+               for g in models.llama.BLOCK_LINEAR_GROUPS for l in g.linears}
+    scaled = jax.tree_util.tree_map(lambda x: x, block)
+    sequential._awq_phase(cal, mesh, scaled, h, methods, models.llama.BLOCK_LINEAR_GROUPS, "layers/0")
+    np.testing.assert_allclose(np.asarray(block_forward(config, scaled, h)[0]),
+                               np.asarray(block_forward(config, block, h)[0]), rtol=2e-4, atol=2e-5)
+    assert not np.allclose(scaled["input_layernorm"]["scale"], block["input_layernorm"]["scale"])
+    assert not np.allclose(scaled["mlp"]["up_proj"]["kernel"], block["mlp"]["up_proj"]["kernel"])
+    v_changed_columns = not np.allclose(scaled["self_attn"]["v_proj"]["kernel"] / block["self_attn"]["v_proj"]["kernel"],
+                                        (scaled["self_attn"]["q_proj"]["kernel"] / block["self_attn"]["q_proj"]["kernel"])[:, :1])
+    assert v_changed_columns == v_scaled
+
+
+def test_resume_continues_after_an_interruption(rng, tmp_path, monkeypatch):
+    params = models.init_params(GQA, seed=0)
+    cal = calibration(GQA, rng, resume_dir=str(tmp_path / "progress"))
+    uninterrupted = jaxq.quantize(params, GPTQ3, calibration(GQA, np.random.default_rng(0)))
+
+    real = sequential.calibrate_block
+    calls = []
+
+    def failing(cal, mesh, block, h, methods, name):
+        calls.append(name)
+        if name == "layers/1" and len(calls) == 2:
+            raise KeyboardInterrupt  # the machine goes away during block 1
+        return real(cal, mesh, block, h, methods, name)
+
+    monkeypatch.setattr(sequential, "calibrate_block", failing)
+    with pytest.raises(KeyboardInterrupt):
+        jaxq.quantize(params, GPTQ3, cal)
+    resumed = jaxq.quantize(params, GPTQ3, cal)
+    assert calls == ["layers/0", "layers/1", "layers/1"]  # block 0 was not redone
+    for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_refuses_a_different_run(rng, tmp_path):
+    params = models.init_params(GQA, seed=0)
+    jaxq.quantize(params, GPTQ3, calibration(GQA, rng, resume_dir=str(tmp_path)))
+    with pytest.raises(resume.ResumeMismatchError, match="different calibration run"):
+        jaxq.quantize(params, GPTQ3, calibration(GQA, np.random.default_rng(9), resume_dir=str(tmp_path)))
+
+
+def test_nan_in_activations_names_the_layer(rng):
+    params = models.init_params(GQA, seed=0)
+    cal = calibration(GQA, rng)
+    embedding = np.array(params["embed_tokens"]["embedding"])
+    embedding[int(cal.tokens[0, 0])] = np.nan
+    params["embed_tokens"]["embedding"] = jnp.asarray(embedding)
+    with pytest.raises(sequential.CalibrationError, match="layers/0/self_attn/q_proj: non-finite Hessian"):
+        jaxq.quantize(params, GPTQ3, cal)
+
+
+def test_calibration_that_cannot_fit_fails_before_any_work(rng, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10_000)
+    with pytest.raises(calibrate.CalibrationMemoryError, match="needs about .* GiB .*--calib-samples"):
+        jaxq.quantize(models.init_params(GQA, seed=0), GPTQ3, calibration(GQA, rng))
+
+
+def test_bad_calibration_setups_are_explained(rng):
+    params = models.init_params(GQA, seed=0)
+    with pytest.raises(sequential.CalibrationError, match="the step must divide the samples"):
+        jaxq.quantize(params, GPTQ3, calibration(GQA, rng, samples=6))
+    with pytest.raises(sequential.CalibrationError, match="inside decoder blocks only"):
+        jaxq.quantize(params, QuantConfig(rules=(Rule("lm_head", GPTQ3),)), calibration(GQA, rng))
+    with pytest.raises(sequential.CalibrationError, match="devices requested"):
+        jaxq.quantize(params, GPTQ3, calibration(GQA, rng, devices=64))
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        jaxq.quantize(params, GPTQ3)
