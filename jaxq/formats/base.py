@@ -15,6 +15,7 @@ import math
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -98,6 +99,15 @@ class QuantizedArray(abc.ABC):
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes / self.size
+
+
+def dot_operand_dtype(dtype: Any) -> Any:
+    """Operand dtype of the XLA paths' dots: the compute dtype, widened to float32 on XLA:CPU,
+    which cannot run some bf16 x bf16 -> f32 (batched) dots. bf16 products are exact in float32,
+    so this gives what a bf16 matrix unit accumulating in float32 gives."""
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+        return jnp.float32
+    return dtype
 
 
 FORMATS: dict[str, type[QuantizedArray]] = {}

@@ -1,12 +1,13 @@
-"""Pack b-bit codes along the last (input) axis into uint32 words, and back.
+"""Pack b-bit codes along the leading (input) axis into uint32 words, and back.
 
-A b-bit code is split into bit planes of power-of-two widths (2 -> 2; 3 -> 2 + 1; 4 -> 4;
-8 -> 8), so every plane packs 32/w codes per word with no waste: 3-bit weights cost exactly 3
-bits. Within a word, code s sits at bits [s*w, (s+1)*w) (code 0 in the low bits), which is also
-the order `lax.bitcast_convert_type(words, uint{w})` produces: the XLA path reads planes as
-native sub-byte integers (2-, 4- and 8-bit planes; the 1-bit plane, which has no StableHLO
-type, uses shifts) and the Pallas kernels unpack them with int32 shifts.
-The last axis is zero-padded to a multiple of 32 codes.
+A b-bit code is split into bit planes of equal power-of-two width (2 -> 2; 3 -> 1 + 1 + 1;
+4 -> 4; 8 -> 8), so every plane packs P = 32/w codes per word with no waste (3-bit weights cost
+exactly 3 bits) and all planes of a code share one word structure: kernels rebuild whole codes
+slab by slab, which a lookup table (non-linear in the code) needs. Codes [K, N] become, per plane, words [K_pad * w / 32, N]: word j of column n holds
+rows j*P .. j*P + P - 1 of that column, row j*P + s in bits [s*w, (s+1)*w) (GPTQ's qweight
+layout). Shifting a tile of words right by s*w yields the codes of rows {j*P + s}: kernels
+unpack with int32 shifts only and pair slab s with activation columns s, P + s, 2P + s, ...
+The leading axis is zero-padded to a multiple of 32 codes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 WORD_BITS = 32
-PLANE_WIDTHS: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+PLANE_WIDTHS: dict[int, tuple[int, ...]] = {2: (2,), 3: (1, 1, 1), 4: (4,), 8: (8,)}
 SUPPORTED_BITS = tuple(sorted(PLANE_WIDTHS))
-_NARROW = {2: jnp.uint2, 4: jnp.uint4, 8: jnp.uint8}  # plane widths XLA bitcasts natively
 
 
 def check_bits(bits: int) -> None:
@@ -26,55 +26,54 @@ def check_bits(bits: int) -> None:
 
 
 def padded_length(k: int) -> int:
-    """Codes per row after padding to whole words of every plane (a multiple of 32)."""
+    """Codes per column after padding to whole words of every plane (a multiple of 32)."""
     return -(-k // WORD_BITS) * WORD_BITS
 
 
-def packed_shapes(lead: tuple[int, ...], k: int, bits: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of the uint32 planes holding codes of shape lead + (k,)."""
+def plane_shifts(bits: int) -> tuple[int, ...]:
+    """Bit offset of each plane within a code: 3 -> (0, 1, 2)."""
+    widths = PLANE_WIDTHS[bits]
+    return tuple(sum(widths[:i]) for i in range(len(widths)))
+
+
+def packed_shapes(k: int, rest: tuple[int, ...], bits: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the uint32 planes holding codes of shape (k,) + rest."""
     check_bits(bits)
-    return tuple(lead + (padded_length(k) * w // WORD_BITS,) for w in PLANE_WIDTHS[bits])
+    return tuple((padded_length(k) * w // WORD_BITS,) + rest for w in PLANE_WIDTHS[bits])
 
 
 def pack(codes: jax.Array, bits: int) -> tuple[jax.Array, ...]:
-    """uint8 codes [..., K] in [0, 2^bits) -> planes, uint32 [..., padded(K) * w / 32] each."""
+    """uint8 codes [K, ...] in [0, 2^bits) -> planes, uint32 [padded(K) * w / 32, ...] each."""
     check_bits(bits)
-    *lead, k = codes.shape
-    pad = padded_length(k) - k
-    codes = jnp.pad(codes.astype(jnp.uint8), [(0, 0)] * len(lead) + [(0, pad)])
-    planes, shift = [], 0
-    for w in PLANE_WIDTHS[bits]:
-        part = ((codes >> shift) & ((1 << w) - 1)).reshape(*lead, -1, WORD_BITS // w)
-        planes.append(_to_words(part, w))
-        shift += w
+    k, *rest = codes.shape
+    codes = jnp.pad(codes.astype(jnp.uint32), [(0, padded_length(k) - k)] + [(0, 0)] * len(rest))
+    planes = []
+    for width, shift in zip(PLANE_WIDTHS[bits], plane_shifts(bits)):
+        per_word = WORD_BITS // width
+        part = ((codes >> shift) & ((1 << width) - 1)).reshape(-1, per_word, *rest)
+        offsets = (jnp.arange(per_word, dtype=jnp.uint32) * width).reshape(per_word, *[1] * len(rest))
+        planes.append((part << offsets).sum(axis=1, dtype=jnp.uint32))
     return tuple(planes)
 
 
+def plane_width(bits: int) -> int:
+    """Width of each of the (equal) planes of a b-bit code."""
+    return PLANE_WIDTHS[bits][0]
+
+
+def unpack_plane(words: jax.Array, width: int) -> jax.Array:
+    """One plane's words [W, ...] -> its codes [W * 32/width, ...] (uint32)."""
+    per_word = WORD_BITS // width
+    offsets = (jnp.arange(per_word, dtype=jnp.uint32) * width).reshape(1, per_word, *[1] * (words.ndim - 1))
+    codes = (words[:, None] >> offsets) & ((1 << width) - 1)
+    return codes.reshape(-1, *words.shape[1:])
+
+
 def unpack(planes: tuple[jax.Array, ...], bits: int, k: int) -> jax.Array:
-    """Inverse of `pack`: planes -> uint8 codes [..., k]."""
+    """Inverse of `pack`: planes -> uint8 codes [k, ...]."""
     check_bits(bits)
     widths = PLANE_WIDTHS[bits]
     if len(planes) != len(widths):
         raise ValueError(f"{bits}-bit codes have {len(widths)} planes, got {len(planes)}")
-    codes, shift = None, 0
-    for plane, w in zip(planes, widths):
-        part = _from_words(plane, w).reshape(*plane.shape[:-1], -1).astype(jnp.uint8) << shift
-        codes = part if codes is None else codes | part
-        shift += w
-    return codes[..., :k]
-
-
-def _to_words(part: jax.Array, width: int) -> jax.Array:
-    """uint8 [..., words, 32/width] codes of one plane -> uint32 [..., words]."""
-    if width in _NARROW:
-        return jax.lax.bitcast_convert_type(part.astype(_NARROW[width]), jnp.uint32)
-    shifts = jnp.arange(WORD_BITS // width, dtype=jnp.uint32) * width
-    return (part.astype(jnp.uint32) << shifts).sum(axis=-1, dtype=jnp.uint32)
-
-
-def _from_words(words: jax.Array, width: int) -> jax.Array:
-    """uint32 [..., words] -> codes of one plane [..., words, 32/width] (narrow ints or uint32)."""
-    if width in _NARROW:
-        return jax.lax.bitcast_convert_type(words, _NARROW[width])
-    shifts = jnp.arange(WORD_BITS // width, dtype=jnp.uint32) * width
-    return (words[..., None] >> shifts) & ((1 << width) - 1)
+    codes = sum(unpack_plane(p, w) << s for p, w, s in zip(planes, widths, plane_shifts(bits)))
+    return codes[:k].astype(jnp.uint8)

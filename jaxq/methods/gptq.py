@@ -185,7 +185,7 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
     if u.granularity != "group" or cfg.static_groups:
         # one grid per row (channel), per tensor, or per original group: fit once on W
         fitted = rtn.quantize_weight(jnp.where(alive[:, None], w.astype(wt.dtype), 0.0), u)
-        static = (fitted.scale, fitted.zero)
+        static = (fitted.scale.T, None if fitted.zero is None else fitted.zero.T)  # per row: [out, groups]
     codes, scale, zero = gptq_sweep(wt, hinv, perm, cfg, in_features, static)
     group_size = u.group_size if u.granularity == "group" else in_features
     stored_perm = None
@@ -198,11 +198,12 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
         codes = codes[:, :in_features]  # groups follow the sweep order: keep it, store perm
         if cfg.act_order:
             stored_perm = perm[:in_features]
+    codes, scale, zero = codes.T, scale.T, None if zero is None else zero.T  # stored layout: [in | groups, out]
     out, lo = [], 0
     for wi in ws:
         hi = lo + wi.shape[1]
-        rows = slice(lo, hi) if scale.shape[0] > 1 else slice(None)
-        out.append(UniformQ.from_codes(codes[lo:hi], scale[rows], None if zero is None else zero[rows],
+        cols = slice(lo, hi) if scale.shape[1] > 1 else slice(None)
+        out.append(UniformQ.from_codes(codes[:, lo:hi], scale[:, cols], None if zero is None else zero[:, cols],
                                        bits=u.bits, group_size=group_size, dtype=wi.dtype,
                                        zero_point=u.zero_point_mode, perm=stored_perm))
         lo = hi

@@ -135,18 +135,17 @@ def fit_row(row: jax.Array, cfg: UniformConfig, group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def quantize_weight(w: jax.Array, cfg: UniformConfig) -> UniformQ:
-    """Float weight [in, out] -> UniformQ (vmapped over the output axis)."""
+    """Float weight [in, out] -> UniformQ (fit per output channel, vmapped over the outputs)."""
     in_features, out_features = w.shape
     if cfg.granularity == "tensor":
-        flat = w.T.reshape(-1)
-        codes, scale, zero = fit_row(flat, cfg, flat.shape[0])
-        codes = codes.reshape(out_features, in_features)
-        scale = scale.reshape(1, 1)
+        codes, scale, zero = fit_row(w.reshape(-1), cfg, w.size)
+        codes, scale = codes.reshape(in_features, out_features), scale.reshape(1, 1)
         zero = None if zero is None else zero.reshape(1, 1)
         group_size = in_features
     else:
         group_size = cfg.rows_per_group(in_features)
-        codes, scale, zero = jax.vmap(lambda r: fit_row(r, cfg, group_size))(w.T)
+        codes, scale, zero = jax.vmap(lambda r: fit_row(r, cfg, group_size))(w.T)  # [out, ...]
+        codes, scale, zero = codes.T, scale.T, None if zero is None else zero.T
     return UniformQ.from_codes(codes, scale, zero, bits=cfg.bits, group_size=group_size,
                                dtype=w.dtype, zero_point=cfg.zero_point_mode)
 

@@ -10,28 +10,26 @@ from jaxq.formats.uniform import GROUPED_MATMUL_MAX_ROWS
 
 
 def reference_weight(codes, scale, zero, zero_point, bits, group_size):
-    """float64 (in, out) weight from codes [out, in] and per-group scale/zero [out, G]."""
-    out_features, in_features = codes.shape
-    rows = lambda a: np.repeat(np.broadcast_to(a, (out_features, -(-in_features // group_size))),
-                               group_size, axis=1)[:, :in_features].astype(np.float64)
+    """float64 (in, out) weight from codes [in, out] and per-group scale/zero [G, out]."""
+    in_features, out_features = codes.shape
+    rows = lambda a: np.repeat(np.broadcast_to(a, (-(-in_features // group_size), out_features)),
+                               group_size, axis=0)[:in_features].astype(np.float64)
     q = codes.astype(np.float64)
     if zero_point == "int":
-        w = rows(scale) * (q - rows(zero))
-    elif zero_point == "float":
-        w = rows(scale) * q + rows(zero)
-    else:
-        w = rows(scale) * (q - 2 ** (bits - 1))
-    return w.T
+        return rows(scale) * (q - rows(zero))
+    if zero_point == "float":
+        return rows(scale) * q + rows(zero)
+    return rows(scale) * (q - 2 ** (bits - 1))
 
 
 def random_format(rng, *, bits=4, in_features=200, out_features=48, group_size=64, zero_point="int",
                   per_tensor=False, perm=False):
     groups = 1 if per_tensor else -(-in_features // group_size)
     cols = 1 if per_tensor else out_features
-    codes = rng.integers(0, 2 ** bits, (out_features, in_features)).astype(np.uint8)
-    scale = rng.uniform(0.01, 0.1, (cols, groups)).astype(np.float16)
-    zero = {"int": rng.integers(0, 2 ** bits, (cols, groups)).astype(np.uint8),
-            "float": rng.normal(size=(cols, groups)).astype(np.float16), "none": None}[zero_point]
+    codes = rng.integers(0, 2 ** bits, (in_features, out_features)).astype(np.uint8)
+    scale = rng.uniform(0.01, 0.1, (groups, cols)).astype(np.float16)
+    zero = {"int": rng.integers(0, 2 ** bits, (groups, cols)).astype(np.uint8),
+            "float": rng.normal(size=(groups, cols)).astype(np.float16), "none": None}[zero_point]
     order = rng.permutation(in_features).astype(np.int32) if perm else None
     q = UniformQ.from_codes(codes, scale, zero, bits=bits, group_size=in_features if per_tensor else group_size,
                             dtype="float32", zero_point=zero_point, perm=order)
@@ -73,7 +71,7 @@ def test_nbytes_counts_what_is_stored(rng):
 def test_is_a_pytree_that_survives_jit_and_serialisation(rng):
     q, w = random_format(rng, bits=3, zero_point="float", perm=True)
     leaves, treedef = jax.tree_util.tree_flatten(q)
-    assert len(leaves) == 5  # two code planes, scale, zero, perm
+    assert len(leaves) == 6  # three 1-bit code planes, scale, zero, perm
     again = jax.jit(lambda f: f)(q)
     np.testing.assert_array_equal(np.asarray(again.dequantize()), np.asarray(q.dequantize()))
     rebuilt = FORMATS["uniform"].from_arrays(q.arrays(), q.static_fields())

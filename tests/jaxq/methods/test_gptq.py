@@ -71,7 +71,8 @@ def problem(rng, k, n, rank=32):
 
 
 def codes_in_input_order(q):
-    codes = np.asarray(q.stored_codes()).astype(np.float64)
+    """[out, in] codes in original input order, like the reference's."""
+    codes = np.asarray(q.stored_codes()).astype(np.float64).T
     if q.perm is None:
         return codes
     out = np.empty_like(codes)
@@ -106,14 +107,14 @@ def test_4096_square_layer_matches_reference(rng):
     """Issue 4's acceptance case: one 4096x4096 layer, H given, float64 on both sides."""
     W, H = problem(rng, 4096, 4096, rank=64)
     with jax.enable_x64(True):
-        got = np.asarray(gptq.quantize_weight(jnp.asarray(W.T), jnp.asarray(H), gptq_config(4, 128)).stored_codes())
+        got = np.asarray(gptq.quantize_weight(jnp.asarray(W.T), jnp.asarray(H), gptq_config(4, 128)).stored_codes()).T
     assert int((got != reference_gptq(W, H, 4, 128)).sum()) == 0
 
 
 def test_float32_path_stays_close_to_the_float64_reference(rng):
     W, H = problem(rng, 512, 128)
     q = gptq.quantize_weight(jnp.asarray(W.T, jnp.float32), jnp.asarray(H, jnp.float32), gptq_config(4, 128))
-    mismatch = np.asarray(q.stored_codes()) != reference_gptq(W, H, 4, 128)
+    mismatch = np.asarray(q.stored_codes()).T != reference_gptq(W, H, 4, 128)
     assert mismatch.mean() < 0.01  # float32 error feedback drifts by ~1e-6: a few codes flip
 
 
@@ -136,8 +137,8 @@ def test_ldlq_feedback_equals_gptq(rng):
         q = gptq.quantize_weight(jnp.asarray(W.T), jnp.asarray(H), cfg)
         damped = H + 0.01 * np.mean(np.diag(H)) * np.eye(384)
         grid = rtn.quantize_weight(jnp.asarray(W.T), cfg.uniform)
-        codes = ldlq.ldlq_codes(jnp.asarray(W), jnp.asarray(damped), grid.scale[:, 0], grid.zero[:, 0], cfg.uniform)
-        np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.stored_codes()))
+        codes = ldlq.ldlq_codes(jnp.asarray(W), jnp.asarray(damped), grid.scale[0], grid.zero[0], cfg.uniform)
+        np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.stored_codes()).T)
         u, d = ldlq.ldl_upper(jnp.asarray(damped))
         m = np.asarray(u) + np.eye(384)
         np.testing.assert_allclose(m @ np.diag(np.asarray(d)) @ m.T, damped, rtol=1e-10, atol=1e-8)

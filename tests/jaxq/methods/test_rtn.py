@@ -41,7 +41,7 @@ def test_minmax_codes_match_float64_reference(bits, mode, rng):
     cfg = UniformConfig(bits=bits, group_size=64, symmetric=mode == "none",
                         zero_point="int" if mode == "none" else mode)
     q = rtn.quantize_weight(jnp.asarray(w), cfg)
-    got = np.asarray(q.stored_codes()).astype(np.int64)
+    got = np.asarray(q.stored_codes()).astype(np.int64).T  # the reference is [out, in]
     expected, raw = reference_rtn(w, bits, 64, mode)
     differ = got != expected
     near_tie = np.abs(raw - np.floor(raw) - 0.5) < 1e-4
@@ -57,9 +57,9 @@ def test_float_offset_error_is_at_most_half_a_step(bits, k, g, seed):
     w = np.random.default_rng(seed).normal(size=(k, 6)).astype(np.float32)
     cfg = UniformConfig(bits=bits, group_size=min(g, k), zero_point="float")
     q = rtn.quantize_weight(jnp.asarray(w), cfg)
-    step = np.repeat(np.asarray(q.scale, np.float64), q.group_size, axis=1)[:, :k].T
+    step = np.repeat(np.asarray(q.scale, np.float64), q.group_size, axis=0)[:k]
     span = step * (2 ** bits - 1)
-    offset = np.repeat(np.asarray(q.zero, np.float64), q.group_size, axis=1)[:, :k].T
+    offset = np.repeat(np.asarray(q.zero, np.float64), q.group_size, axis=0)[:k]
     bound = 0.5 * step + 2e-3 * span + 2 ** -10 * np.abs(offset) + 1e-6
     assert np.all(np.abs(np.asarray(q.dequantize()) - w) <= bound)
 
@@ -93,8 +93,8 @@ def test_percentile_clips_an_outlier(rng):
 def test_granularities_produce_the_right_scale_shapes(rng):
     w = jnp.asarray(rng.normal(size=(96, 40)).astype(np.float32))
     assert rtn.quantize_weight(w, UniformConfig(granularity="tensor")).scale.shape == (1, 1)
-    assert rtn.quantize_weight(w, UniformConfig(granularity="channel")).scale.shape == (40, 1)
-    assert rtn.quantize_weight(w, UniformConfig(group_size=32)).scale.shape == (40, 3)
+    assert rtn.quantize_weight(w, UniformConfig(granularity="channel")).scale.shape == (1, 40)
+    assert rtn.quantize_weight(w, UniformConfig(group_size=32)).scale.shape == (3, 40)
     per_tensor = rtn.quantize_weight(w, UniformConfig(granularity="tensor", zero_point="float"))
     lo, hi = float(w.min()), float(w.max())
     assert float(per_tensor.zero[0, 0]) == pytest.approx(lo, rel=1e-3)
