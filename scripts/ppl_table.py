@@ -1,6 +1,9 @@
-"""Perplexity of RTN variants on one model (quick protocol by default), one JSON line each.
+"""Quantize a model in several ways and measure perplexity (quick protocol by default); one
+JSON line per variant with the quantization wall time.
 
-    python scripts/rtn_sweep.py [--model smollm2-135m] [--windows 64] > rtn.jsonl
+    python scripts/ppl_table.py [--model smollm2-135m] [--only "gptq w3 g128" ...] > table.jsonl
+
+Data-aware variants calibrate on the quick protocol's 32 windows of 512 tokens (--calib-samples).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import jax
 
 import jaxq
 import models
-from jaxq import evaluate
+from jaxq import calibrate, evaluate
 
 U = jaxq.UniformConfig
+G = jaxq.config.GPTQConfig
+A = jaxq.config.AWQConfig
+W4, W3 = U(bits=4, group_size=128), U(bits=3, group_size=128)
 VARIANTS = {
     "fp": None,
     "w4 g32 float-offset minmax": U(bits=4, group_size=32, zero_point="float"),
@@ -30,6 +36,12 @@ VARIANTS = {
     "w3 g128 int-zero percentile99.9": U(bits=3, group_size=128, calibration="percentile"),
     "w2 g64 int-zero minmax": U(bits=2, group_size=64),
     "w2 g64 int-zero mse": U(bits=2, group_size=64, calibration="mse"),
+    "gptq w4 g128": G(uniform=W4),
+    "gptq w4 g128 act-order": G(uniform=W4, act_order=True),
+    "awq w4 g128": A(uniform=W4),
+    "gptq w3 g128": G(uniform=W3),
+    "gptq w3 g128 act-order": G(uniform=W3, act_order=True),
+    "awq w3 g128": A(uniform=W3),
 }
 
 
@@ -39,17 +51,23 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-len", type=int, default=512)
     args = parser.parse_args()
     lm = models.load(args.model)
+    calib = calibrate.from_text(lm, samples=args.calib_samples, length=args.calib_len, progress=False)
     for name, cfg in VARIANTS.items():
         if args.only and name not in args.only:
             continue
+        data_aware = cfg is not None and not type(cfg).data_free
         start = time.perf_counter()
-        params = lm.params if cfg is None else jax.block_until_ready(jaxq.quantize(lm.params, cfg))
+        params = lm.params if cfg is None else jax.block_until_ready(
+            jaxq.quantize(lm.params, cfg, calib if data_aware else None))
         quantize_s = time.perf_counter() - start
         report = evaluate.perplexity_report(lm, params, ctx=args.ctx, windows=args.windows, progress=False)
         sizes = jaxq.size_report(params)
         print(json.dumps({"variant": name, "ppl": report.ppl, "quantize_seconds": quantize_s,
+                          "calibration_samples": args.calib_samples if data_aware else 0,
                           "eval_seconds": report.seconds, "windows": report.windows, "ctx": report.ctx,
                           "quantized_bytes": sizes.quantized_bytes,
                           "quantized_bf16_bytes": sizes.quantized_bf16_bytes}), flush=True)
