@@ -24,9 +24,10 @@ from jax.sharding import PartitionSpec as P
 from jaxq.formats import packing
 from jaxq.formats.base import QuantizedArray, dot_operand_dtype, register_format, static_field
 
-# Up to this many activation rows the XLA path contracts each group against the integer codes
-# and applies the scales after the dot (the shape XLA fuses, see KERNELS.md); above it the
-# matmul is compute-bound and dequantize-then-dot is used.
+# On accelerators, up to this many activation rows the XLA path contracts each group against the
+# integer codes and applies the scales after the dot (the shape XLA fuses, see KERNELS.md); above
+# it the matmul is compute-bound and dequantize-then-dot is used. On XLA:CPU dequantize-then-dot
+# is faster at every M (scripts/bench_kernels.py --quick: 0.44 ms vs 2.9 ms at M=16).
 GROUPED_MATMUL_MAX_ROWS = 64
 
 
@@ -110,7 +111,7 @@ class UniformQ(QuantizedArray):
         lead = x.shape[:-1]
         x2 = self.permute_input(x.reshape(-1, in_features))
         operand = dot_operand_dtype(x.dtype)
-        if x2.shape[0] <= GROUPED_MATMUL_MAX_ROWS:
+        if x2.shape[0] <= GROUPED_MATMUL_MAX_ROWS and jax.default_backend() != "cpu":
             y = self._grouped_matmul(x2.astype(operand))
         else:
             w = self._stored_weight(x.dtype).astype(operand)

@@ -49,9 +49,12 @@ def test_dequantize_and_both_matmul_paths_match_reference(case, rng):
     q, w = random_format(rng, **case)
     # Tolerances: float32 accumulation of ~600 products of magnitude ~1 (relative 1e-6).
     np.testing.assert_allclose(np.asarray(q.dequantize()), w, rtol=1e-6, atol=1e-6)
-    for rows in (1, 3, 17, GROUPED_MATMUL_MAX_ROWS + 1):  # grouped path, then dequantize-then-dot
+    for rows in (1, 3, 17, GROUPED_MATMUL_MAX_ROWS + 1):
         x = rng.normal(size=(rows, w.shape[0])).astype(np.float32)
         np.testing.assert_allclose(np.asarray(q.matmul(jnp.asarray(x))), x @ w, rtol=1e-4, atol=1e-4)
+        # the accelerators' grouped form (scales after per-group dots), run here directly
+        np.testing.assert_allclose(np.asarray(q._grouped_matmul(q.permute_input(jnp.asarray(x)))), x @ w,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_matmul_keeps_leading_dims_and_dtype(rng):
