@@ -38,6 +38,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                       help="asymmetric zero: integer code (GPTQ/AWQ) or float offset (llama.cpp Q4_1)")
     p.add_argument("--calibration", default="minmax", choices=config.CALIBRATIONS, help="weight range calibration")
     p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--mse-norm", type=float, default=2.4, help="p of the L_p error the mse search minimises (GPTQ: 2.4)")
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
     gptq = p.add_argument_group("gptq")
@@ -66,7 +67,7 @@ def quant_config_from_args(args: argparse.Namespace):
 
     uniform = UniformConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
                             symmetric=args.sym, zero_point=args.zero_point, calibration=args.calibration,
-                            percentile=args.percentile)
+                            percentile=args.percentile, mse_norm=args.mse_norm)
     extra = {"gptq": dict(act_order=args.act_order, static_groups=args.static_groups,
                           true_sequential=args.true_sequential, damp=args.damp),
              "awq": dict(clip=args.clip)}.get(args.method, {})

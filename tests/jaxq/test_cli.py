@@ -29,11 +29,12 @@ def test_quantize_inspect_eval(tiny_llama_with_tokenizer, tmp_path, capsys):
     directory, text = tiny_llama_with_tokenizer
     out_dir = tmp_path / "w3"
     code, out, _ = run(capsys, "quantize", "--model", directory, "--bits", "3", "--group-size", "32",
-                       "--zero-point", "float", "--calibration", "mse", "--keep-float", "layers/0/",
+                       "--zero-point", "float", "--calibration", "mse", "--mse-norm", "3", "--keep-float", "layers/0/",
                        "--out", str(out_dir), "--json")
     assert code == 0
     summary = json.loads(out)
     assert summary["quantized_weights"] == 7  # block 0 kept float
+    assert summary["quant_config"]["rules"][-1]["settings"]["mse_norm"] == 3.0
 
     code, out, _ = run(capsys, "inspect", str(out_dir))
     assert code == 0 and "uniform w3 g32 float-offset" in out and "quantized: 7 weights" in out
