@@ -47,7 +47,10 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     if args.fake_cpu_devices:  # must happen before jax initialises its backends
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+        # XLA:CPU's fusion emitters compile fused row reductions differently for different
+        # per-device batch sizes (last-bit differences in the block forward); the classic
+        # emitters do not, so 1 and N fake devices can be compared bit for bit.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
                                    f" --xla_force_host_platform_device_count={args.fake_cpu_devices}")
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax

@@ -16,9 +16,12 @@ explicitly (otherwise NaN -> int32 would yield finite garbage).
 
 For a Gram matrix each entry gets its own bound from the diagonal (|G_ij| <= sqrt(G_ii G_jj)),
 so entries of very different magnitude (LLM activations have outliers ~1e4) all keep 45 bits.
-Every per-sample quantity (Gram, sums over tokens) is computed by the same-shaped op for each
-sample (`lax.map` / `scan`), never by a batched reduction whose association could depend on how
-many samples a device holds, so it is bit-identical whatever the sharding.
+Every per-sample quantity (Gram, sums over tokens) is a dot computed per sample (`lax.map` /
+`scan`): never a batched reduction, and never a reduction XLA could fuse differently depending
+on how many samples a device holds, so it is bit-identical whatever the sharding. (XLA:CPU's
+fusion emitters compile fused row reductions differently for different batch sizes, which
+changes the block forward's last bits; CPU runs that compare device counts disable them with
+XLA_FLAGS=--xla_cpu_use_fusion_emitters=false, as scripts/calibrate_multidevice.py does.)
 """
 
 from __future__ import annotations
@@ -58,10 +61,15 @@ def _nan_unless_finite(result: jax.Array, xs: jax.Array, axis_name: str) -> jax.
     return jnp.where(bad == 0, result, jnp.nan)
 
 
+def _token_sum(x: jax.Array) -> jax.Array:
+    """sum over tokens of one sample, [T, K] -> [K], as a dot (see the module docstring)."""
+    return jnp.dot(jnp.ones((x.shape[0],), jnp.float32), x, precision=jax.lax.Precision.HIGHEST)
+
+
 def exact_gram(xs: jax.Array, axis_name: str) -> jax.Array:
     """sum over samples (and devices on `axis_name`) of x^T x: xs [b, T, K] -> float32 [K, K]."""
     xs = xs.astype(jnp.float32)
-    diag = jax.lax.map(lambda x: jnp.sum(x * x, axis=0), xs).max(axis=0)
+    diag = jax.lax.map(lambda x: _token_sum(x * x), xs).max(axis=0)
     half = bound_exponent(jnp.sqrt(jax.lax.pmax(diag, axis_name)))  # 2^(e_i + e_j) bounds |G_ij|
     inv = jnp.ldexp(jnp.float32(1.0), -half)  # from pmax'd exponents: identical on every device
 
@@ -78,7 +86,7 @@ def exact_gram(xs: jax.Array, axis_name: str) -> jax.Array:
 
 def exact_abs_sum(xs: jax.Array, axis_name: str) -> jax.Array:
     """sum over samples, tokens (and devices) of |x| per channel: xs [b, T, K] -> float32 [K]."""
-    per_sample = jax.lax.map(lambda x: jnp.abs(x).sum(axis=0), xs.astype(jnp.float32))  # [b, K]
+    per_sample = jax.lax.map(lambda x: _token_sum(jnp.abs(x)), xs.astype(jnp.float32))  # [b, K]
     exponent = bound_exponent(jax.lax.pmax(per_sample.max(axis=0), axis_name))
     limbs = to_limbs(per_sample * jnp.ldexp(jnp.float32(1.0), -exponent)).sum(axis=1)  # over samples: [3, K]
     total = from_limbs(jax.lax.psum(limbs, axis_name)) * jnp.ldexp(jnp.float32(1.0), exponent)
