@@ -13,7 +13,6 @@ model config's shapes, so a truncated, edited or foreign checkpoint fails with a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path

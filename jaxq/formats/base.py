@@ -32,8 +32,19 @@ class QuantizedArray(abc.ABC):
     dtype: str               # dtype of the weight this format replaced
 
     @abc.abstractmethod
+    def stored_weight(self, dtype: Any) -> jax.Array:
+        """The represented weight [in, out] with input rows in stored order (see `perm`)."""
+
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The represented weight, [in, out] in `dtype` (default: the original dtype)."""
+        w = self.stored_weight(dtype or self.dtype)
+        perm = getattr(self, "perm", None)  # act_order: stored row i holds original row perm[i]
+        return w if perm is None else w[jnp.argsort(perm)]
+
+    def permute_input(self, x: jax.Array) -> jax.Array:
+        """x [..., in] in original order -> stored row order (identity without a permutation)."""
+        perm = getattr(self, "perm", None)
+        return x if perm is None else jnp.take(x, perm, axis=-1)
 
     @abc.abstractmethod
     def matmul(self, x: jax.Array) -> jax.Array:

@@ -68,23 +68,16 @@ class CodebookQ(QuantizedArray):
         """uint8 [in, out], input rows in stored order."""
         return packing.unpack(self.codes, self.bits, self.shape[0])
 
-    def _stored_weight(self, dtype: Any) -> jax.Array:
+    def stored_weight(self, dtype: Any) -> jax.Array:
         in_features, out_features = self.shape
         group = jnp.minimum(jnp.arange(in_features) // self.group_size, self.num_groups - 1)
         w = self.table[group[:, None], self.stored_indices().astype(jnp.int32), jnp.arange(out_features)[None, :]]
         return w.astype(dtype)
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        w = self._stored_weight(dtype or self.dtype)
-        return w if self.perm is None else w[jnp.argsort(self.perm)]
-
-    def permute_input(self, x: jax.Array) -> jax.Array:
-        return x if self.perm is None else jnp.take(x, self.perm, axis=-1)
-
     def matmul(self, x: jax.Array) -> jax.Array:
         in_features, out_features = self.shape
         x2 = self.permute_input(x.reshape(-1, in_features))
         operand = dot_operand_dtype(x.dtype)
-        w = self._stored_weight(x.dtype).astype(operand)
+        w = self.stored_weight(x.dtype).astype(operand)
         y = jnp.dot(x2.astype(operand), w, preferred_element_type=jnp.float32)
         return y.astype(x.dtype).reshape(*x.shape[:-1], out_features)

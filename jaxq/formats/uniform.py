@@ -90,21 +90,10 @@ class UniformQ(QuantizedArray):
         return jnp.repeat(per_group, self.group_size, axis=0,
                           total_repeat_length=self.num_groups * self.group_size)[: self.shape[0]]
 
-    def _stored_weight(self, dtype: Any) -> jax.Array:
-        """Dequantized [in, out], rows in stored order."""
+    def stored_weight(self, dtype: Any) -> jax.Array:
         scale, offset = self.affine()
         w = self.stored_codes().astype(jnp.float32) * self._rows(scale) + self._rows(offset)
         return w.astype(dtype)
-
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        w = self._stored_weight(dtype or self.dtype)
-        if self.perm is not None:
-            w = w[jnp.argsort(self.perm)]
-        return w
-
-    def permute_input(self, x: jax.Array) -> jax.Array:
-        """x [..., in] in original order -> stored row order (identity without act_order)."""
-        return x if self.perm is None else jnp.take(x, self.perm, axis=-1)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         in_features, out_features = self.shape
@@ -114,7 +103,7 @@ class UniformQ(QuantizedArray):
         if x2.shape[0] <= GROUPED_MATMUL_MAX_ROWS and jax.default_backend() != "cpu":
             y = self._grouped_matmul(x2.astype(operand))
         else:
-            w = self._stored_weight(x.dtype).astype(operand)
+            w = self.stored_weight(x.dtype).astype(operand)
             y = jnp.dot(x2.astype(operand), w, preferred_element_type=jnp.float32)
         return y.astype(x.dtype).reshape(*lead, out_features)
 

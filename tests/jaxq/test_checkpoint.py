@@ -62,7 +62,7 @@ def test_async_save_then_overwrite_keeps_one_step(quantized, tmp_path):
 def test_failed_save_leaves_the_previous_checkpoint(quantized, tmp_path, monkeypatch):
     checkpoint.save(tmp_path / "ck", quantized, model_config=CONFIG)
     monkeypatch.setattr(checkpoint, "_tokenizer_record", lambda tok: {"not json": {1, 2}})
-    with pytest.raises(Exception):  # the metadata cannot be serialised: the save dies midway
+    with pytest.raises(TypeError, match="not JSON serializable"):  # the save dies midway
         checkpoint.save(tmp_path / "ck", models.init_params(CONFIG, seed=7), model_config=CONFIG, tokenizer=object())
     assert leaves_equal(checkpoint.load(tmp_path / "ck").params, quantized)
 
@@ -76,11 +76,13 @@ def test_leftover_temporary_directory_is_ignored(quantized, tmp_path):
 
 
 def test_truncated_array_data_is_reported(quantized, tmp_path):
+    """Every array data file cut in half (OCDBT keeps per-process and merged copies)."""
     checkpoint.save(tmp_path / "ck", quantized, model_config=CONFIG)
-    data = [p for p in (tmp_path / "ck").rglob("*") if p.is_file() and "/d/" in str(p)]
-    biggest = max(data, key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as f:
-        f.truncate(biggest.stat().st_size // 2)
+    data = [p for p in (tmp_path / "ck").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for path in data:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         checkpoint.load(tmp_path / "ck")
 
