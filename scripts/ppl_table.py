@@ -4,6 +4,8 @@ JSON line per variant with the quantization wall time.
     python scripts/ppl_table.py [--model smollm2-135m] [--only "gptq w3 g128" ...] > table.jsonl
 
 Data-aware variants calibrate on the quick protocol's 32 windows of 512 tokens (--calib-samples).
+`--data wikitext2-valid` evaluates on held-out validation text instead of the test text, for
+choosing settings (e.g. the L_p norm of MSE range search) without looking at the test set.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ VARIANTS = {
     "w4 per-channel int-zero minmax": U(bits=4, granularity="channel"),
     "w3 g128 int-zero minmax": U(bits=3, group_size=128),
     "w3 g128 int-zero mse": U(bits=3, group_size=128, calibration="mse"),
+    **{f"w3 g128 int-zero mse L{p}": U(bits=3, group_size=128, calibration="mse", mse_norm=p)
+       for p in (2.0, 3.0, 4.0)},
+    "w4 g128 int-zero mse L3.0": U(bits=4, group_size=128, calibration="mse", mse_norm=3.0),
     "w3 g128 int-zero percentile99.9": U(bits=3, group_size=128, calibration="percentile"),
     "w2 g64 int-zero minmax": U(bits=2, group_size=64),
     "w2 g64 int-zero mse": U(bits=2, group_size=64, calibration="mse"),
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--data", default="wikitext2", help="wikitext2 (test), wikitext2-valid or a text file")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
@@ -64,9 +70,9 @@ def main() -> None:
         params = lm.params if cfg is None else jax.block_until_ready(
             jaxq.quantize(lm.params, cfg, calib if data_aware else None))
         quantize_s = time.perf_counter() - start
-        report = evaluate.perplexity_report(lm, params, ctx=args.ctx, windows=args.windows, progress=False)
+        report = evaluate.perplexity_report(lm, params, args.data, ctx=args.ctx, windows=args.windows, progress=False)
         sizes = jaxq.size_report(params)
-        print(json.dumps({"variant": name, "ppl": report.ppl, "quantize_seconds": quantize_s,
+        print(json.dumps({"variant": name, "data": args.data, "ppl": report.ppl, "quantize_seconds": quantize_s,
                           "calibration_samples": args.calib_samples if data_aware else 0,
                           "eval_seconds": report.seconds, "windows": report.windows, "ctx": report.ctx,
                           "quantized_bytes": sizes.quantized_bytes,
