@@ -7,6 +7,7 @@ import json
 import sys
 
 from jaxq import data
+from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule, UniformConfig, method_config
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                       help="asymmetric zero: integer code (GPTQ/AWQ) or float offset (llama.cpp Q4_1)")
     p.add_argument("--calibration", default="minmax", choices=config.CALIBRATIONS, help="weight range calibration")
     p.add_argument("--percentile", type=float, default=99.9)
-    p.add_argument("--mse-norm", type=float, default=2.4, help="p of the L_p error the mse search minimises (GPTQ: 2.4)")
+    p.add_argument("--mse-norm", type=float, default=UniformConfig.mse_norm,
+                   help="p of the L_p error the mse search minimises (default %(default)s; GPTQ's: 2.4)")
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
     gptq = p.add_argument_group("gptq")
@@ -63,8 +65,6 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from_args(args: argparse.Namespace):
-    from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule, UniformConfig, method_config
-
     uniform = UniformConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
                             symmetric=args.sym, zero_point=args.zero_point, calibration=args.calibration,
                             percentile=args.percentile, mse_norm=args.mse_norm)
