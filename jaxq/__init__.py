@@ -5,10 +5,15 @@
     jaxq.save("runs/w4", qparams, model_config=lm.config, tokenizer=lm.tokenizer)
     print(jaxq.size_report(qparams).table())
 
-Submodules: calibrate, checkpoint, data, evaluate, formats, methods, sharding.
+Submodules (attributes of `jaxq`, each imported on first use): calibrate, checkpoint, cli, config,
+data, evaluate, formats, methods, ops, quantization, report, sharding.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
+               "quantization", "report", "sharding")
 
 from jaxq import formats
 from jaxq.checkpoint import load, save
@@ -17,4 +22,16 @@ from jaxq.quantization import quantize
 from jaxq.report import size_report
 
 __all__ = ["AWQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
-           "method_config", "quantize", "save", "size_report"]
+           "method_config", "quantize", "save", "size_report", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    """`jaxq.evaluate`, `jaxq.calibrate`, ...: import a submodule when first used (PEP 562), so
+    `import jaxq` stays light."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxq.{name}")
+    raise AttributeError(f"module 'jaxq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))

@@ -74,7 +74,8 @@ def _from_hub(name: str, spec: TextSource, missing: Path) -> str:
     try:
         import datasets
     except ImportError:
-        raise DataNotFoundError(hint + " (the `datasets` package is not installed either).") from None
+        raise DataNotFoundError(hint + "; or, with a network, `pip install 'jaxq[hub]'` (HF `datasets`) "
+                                "and it is fetched from the Hugging Face Hub.") from None
     try:
         rows = datasets.load_dataset(*spec.hf_dataset[:2], split=spec.hf_dataset[2])
     except Exception as err:  # offline, hub down, dataset moved: all the same to the user

@@ -16,6 +16,7 @@ import numpy as np
 from models import zoo
 from models.config import LlamaConfig, RopeScaling, UnsupportedModelError
 from models.language_model import LanguageModel, Params, abstract_params
+from models.tokenizer import gguf_tokenizer
 from models.zoo import ModelNotFoundError
 
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
@@ -193,7 +194,7 @@ def _hf_tokenizer(path: Path):
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
               tokenizer: bool = True) -> LanguageModel:
     """A llama.cpp GGUF file: tensors dequantized to float, q/k rows un-permuted back to HF's
-    RoPE layout, tokenizer rebuilt from the file's vocabulary by transformers."""
+    RoPE layout, tokenizer rebuilt from the file's metadata (`models.tokenizer`, no torch)."""
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {path} not found")
@@ -203,7 +204,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: s
         raise UnsupportedModelError(f"{path} is not a readable GGUF file: {err}") from None
     config = _gguf_config(reader, path, dtype=dtype, param_dtype=param_dtype)
     params = _assemble(config, _gguf_tensors(reader, config, path), str(path))
-    tok = _gguf_tokenizer(path) if tokenizer else None
+    tok = gguf_tokenizer(reader, path) if tokenizer else None
     return LanguageModel(config=config, params=params, tokenizer=tok, source=str(path))
 
 
@@ -287,8 +288,3 @@ def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """
     out, rest = weight.shape[0], weight.shape[1:]
     return weight.reshape(heads, out // heads // 2, 2, *rest).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

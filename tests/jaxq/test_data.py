@@ -50,7 +50,7 @@ def test_named_sources_follow_the_protocol_layout(tmp_path, monkeypatch):
 def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed
-    with pytest.raises(data.DataNotFoundError, match=f"{tmp_path}.*JAXQ_DATA_DIR"):
+    with pytest.raises(data.DataNotFoundError, match=rf"{tmp_path}.*JAXQ_DATA_DIR.*jaxq\[hub\]"):
         data.load_text("wikitext2-valid")
     with pytest.raises(data.DataNotFoundError, match="not a named source"):
         data.load_text(str(tmp_path / "nope.txt"))
