@@ -11,7 +11,7 @@ data, evaluate, formats, methods, ops, quantization, report, sharding.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
                "quantization", "report", "sharding")
 

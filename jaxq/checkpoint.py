@@ -5,20 +5,26 @@ temporary directory that orbax renames into place only when complete, then drops
 step: a crash mid-save leaves the previous checkpoint intact and loadable. Each step holds
     params    the arrays (a format becomes a dict of its arrays: codes_0, scale, zero, ...)
     metadata  JSON: checkpoint and jaxq versions, model config, QuantConfig, tokenizer, and a
-              record per leaf (format name and version, static fields, array shapes/dtypes)
-`load` rebuilds the exact formats from the record and checks every array against it and the
-model config's shapes, so a truncated, edited or foreign checkpoint fails with a clear error.
+              record per leaf (format name and version, static fields, array shapes/dtypes
+              and a digest of its bytes)
+`load` rebuilds the exact formats from the record and checks every array against it (shape,
+dtype, digest: Orbax/OCDBT keeps no checksums of its own) and the model config's shapes, so a
+truncated, bit-flipped, edited or foreign checkpoint fails with a clear error, as do NaN or Inf
+in any float array.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -28,13 +34,37 @@ from jaxq.config import QuantConfig
 from jaxq.formats.base import FORMATS
 from models.config import LlamaConfig
 
-CHECKPOINT_VERSION = 1
+# Version 2 adds a digest per array. A reader accepts its own version only (`_check_versions`):
+# there is no reader of older versions to fall back on, and reading a version-1 checkpoint would
+# mean loading arrays nothing can verify, the very gap version 2 closes. Re-quantizing rewrites it.
+CHECKPOINT_VERSION = 2
 FLOAT = "float"
 RUNTIME_FIELDS = ("dtype", "param_dtype")  # dtype policy is chosen at load time, not stored
+RESUME_MARKER = "run.json"  # at the root of a `jaxq.calibrate.resume` progress directory
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be (safely) loaded, with the reason."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No directory, or no complete step in it (nothing saved yet, or an interrupted first save)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Array data that cannot be read back, or differs from what was saved."""
+
+
+class ModelDirectoryError(CheckpointError):
+    """A Hugging Face or GGUF model directory given where a jaxq checkpoint is expected."""
+
+
+class VersionMismatchError(CheckpointError):
+    """A jaxq checkpoint written in another checkpoint format version."""
+
+
+class ResumeProgressDirectoryError(CheckpointError):
+    """Calibration resume progress (`jaxq quantize --resume`) given where a checkpoint is expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +115,24 @@ def _records(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _spec(array: Any) -> dict[str, Any]:
-    return {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name}
+    """Shape, dtype and digest (`array_digest`) of one stored array."""
+    return {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name, "digest": array_digest(array)}
+
+
+def array_digest(array: Any) -> str:
+    """Hex blake2b-128 of an array's dtype, shape and C-order bytes (numpy or jax, any dtype)."""
+    host = np.ascontiguousarray(_to_host(array))
+    digest = hashlib.blake2b(f"{host.dtype.name}{host.shape}".encode(), digest_size=16)
+    digest.update(host.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def _to_host(array: Any) -> np.ndarray:
+    """`array` as numpy. An accelerator array is duplicated on its device first: np.asarray of
+    the array itself would keep the host copy cached on it for as long as the array lives."""
+    if isinstance(array, jax.Array) and any(d.platform != "cpu" for d in array.devices()):
+        array = jax.device_put(array, may_alias=False)
+    return np.asarray(array)
 
 
 def _tokenizer_record(tokenizer: Any) -> dict[str, Any] | None:
@@ -147,14 +194,34 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
 def _open(directory: str | os.PathLike, step: int | None = None) -> tuple[ocp.CheckpointManager, int]:
     directory = Path(directory).absolute()
     if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint at {directory}: directory not found")
+        raise NoCheckpointError(f"no checkpoint at {directory}: directory not found")
     manager = _manager(directory, create=False)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         manager.close()
-        raise CheckpointError(f"no complete checkpoint in {directory} (an interrupted save leaves only "
-                              "a temporary directory behind)")
+        raise _no_step_error(directory)
     return manager, step
+
+
+def _no_step_error(directory: Path) -> CheckpointError:
+    """Why `directory` has no complete step: it is another kind of directory, or no save finished."""
+    if (directory / "config.json").is_file() or any(directory.glob("*.gguf")):
+        kind = "a Hugging Face model directory" if (directory / "config.json").is_file() else "a GGUF model directory"
+        return ModelDirectoryError(
+            f"{directory} is {kind}, not a jaxq checkpoint: pass it as `--model {directory}` (to `jaxq eval` "
+            "or `jaxq quantize`), or load it with `models.load`")
+    if (directory / RESUME_MARKER).is_file():
+        return _resume_progress_error(directory, directory)
+    return NoCheckpointError(f"no complete checkpoint in {directory} (an interrupted save leaves only "
+                             "a temporary directory behind)")
+
+
+def _resume_progress_error(directory: Path, root: Path) -> ResumeProgressDirectoryError:
+    """`directory` is `root`, the progress directory of a resumable calibration run, or inside it."""
+    what = "calibration resume progress" if directory == root else f"part of the calibration resume progress in {root}"
+    return ResumeProgressDirectoryError(
+        f"{directory} is {what} (written by `jaxq quantize --resume`), not a checkpoint: pass `--resume {root}` "
+        "to `jaxq quantize` to finish that run (its checkpoint is written to --out)")
 
 
 def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
@@ -162,10 +229,10 @@ def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
     if version is None:
         raise CheckpointError(f"{directory} is not a jaxq checkpoint (no jaxq_checkpoint_version)")
     if version != CHECKPOINT_VERSION:
-        raise CheckpointError(
+        raise VersionMismatchError(
             f"{directory} was written by jaxq {metadata.get('jaxq_version')} with checkpoint format "
             f"{version}; this jaxq {jaxq.__version__} reads format {CHECKPOINT_VERSION}. Use a matching "
-            "jaxq version, or re-quantize the model")
+            "jaxq version, or re-quantize the model (writing to the same directory replaces it)")
     for path, record in metadata["leaves"].items():
         name = record["format"]
         if name == FLOAT:
@@ -178,22 +245,63 @@ def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
                 f"version {FORMATS[name].format_version}")
 
 
+def read_model_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the newest checkpoint `save` wrote in `directory` (version-checked, with a
+    model record), or an error saying what the directory is instead."""
+    metadata = read_metadata(directory)
+    if "model_config" not in metadata:
+        directory = Path(directory).absolute()
+        if (directory.parent / RESUME_MARKER).is_file():
+            raise _resume_progress_error(directory, directory.parent)
+        raise CheckpointError(f"{directory} holds no model (it is not a `jaxq quantize` checkpoint)")
+    return metadata
+
+
 def read_tree(directory: str | os.PathLike, metadata: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-    """Restore the arrays `metadata` (from `read_metadata`) describes and rebuild the formats."""
+    """Restore the arrays `metadata` (from `read_metadata`) describes, verify them against its
+    digests and for finite floats on the host, and rebuild the formats on the first local device."""
     records = metadata["leaves"]
-    abstract = _abstract_arrays(records)
+    targets = jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), _abstract_arrays(records))
     manager, step = _open(directory, step)
     try:
-        _check_stored_arrays(directory, manager.item_metadata(step)["params"], abstract)
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+        _check_stored_arrays(directory, manager.item_metadata(step)["params"], targets)
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))["params"]
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"checkpoint {directory} is corrupted or truncated: could not read its "
-                              f"arrays ({type(err).__name__}: {str(err)[:300]})") from None
+        raise CorruptCheckpointError(f"checkpoint {directory} is corrupted or truncated: could not read its "
+                                     f"arrays ({type(err).__name__}: {str(err)[:300]})") from None
     finally:
         manager.close()
-    return _rebuild(restored, records)
+    _verify_arrays(directory, restored, records)
+    return _rebuild(jax.device_put(restored, jax.local_devices()[0]), records)
+
+
+def _verify_arrays(directory: Any, restored: dict[str, Any], records: dict[str, Any]) -> None:
+    """Each restored host array has the digest its record holds and, if float, no NaN or Inf."""
+    for path, record in records.items():
+        node = restored
+        for key in path.split("/"):
+            node = node[key]
+        arrays = {"": node} if record["format"] == FLOAT else node
+        for name, spec in record["arrays"].items():
+            where = f"{path}/{name}" if name else path
+            if array_digest(arrays[name]) != spec.get("digest"):
+                raise CorruptCheckpointError(
+                    f"checkpoint {directory} is corrupt: array {where} differs from the digest recorded when it "
+                    "was saved (its data changed on disk); write the checkpoint again (`jaxq quantize`, `jaxq.save`)")
+            bad = _count_non_finite(arrays[name])
+            if bad:
+                raise CheckpointError(
+                    f"checkpoint {directory}: {where} holds NaN or Inf ({bad} of {arrays[name].size} values), as it "
+                    "was saved; save it again from finite params")
+
+
+def _count_non_finite(array: np.ndarray) -> int:
+    """NaN and Inf values in a host array (0 for integer arrays)."""
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
@@ -203,9 +311,7 @@ def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
     expect: the model config the caller will run the params with; a checkpoint of a different
       model is refused. dtype: compute dtype of the returned model config (default: as saved).
     """
-    metadata = read_metadata(directory)
-    if "model_config" not in metadata:
-        raise CheckpointError(f"{directory} holds no model (it is not a `jaxq quantize` checkpoint)")
+    metadata = read_model_metadata(directory)
     model_config = LlamaConfig.from_dict(metadata["model_config"])
     if dtype is not None:
         model_config = model_config.replace(dtype=dtype)
@@ -306,3 +412,70 @@ def quiet_orbax_logs() -> None:
     """Orbax logs every step at INFO through absl; keep command-line output readable."""
     logging.getLogger("absl").setLevel(logging.WARNING)
 
+
+# ------------------------------------------------------------------ destinations
+
+class DestinationError(CheckpointError):
+    """A checkpoint destination that cannot or must not be written."""
+
+
+def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Where `save` may write a checkpoint, checked before any work: the (created) directory,
+    proven writable. Refused: a file; resume progress or Orbax steps that are not a jaxq
+    checkpoint (saving would delete those steps), even with `overwrite`; without it, a
+    non-empty directory of other files. See `check_replaceable` for the model it holds."""
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DestinationError(f"{path} is an existing file, not a checkpoint directory; choose another path")
+    if (path / RESUME_MARKER).is_file() or (path.parent / RESUME_MARKER).is_file():
+        raise DestinationError(f"{path} holds calibration resume progress (`--resume`), which a checkpoint "
+                               "written there would delete; choose another directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise DestinationError(f"cannot write to {path} ({err.strerror or err}); choose a writable directory") from None
+    if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+        _existing_checkpoint(path)  # refuses foreign Orbax steps
+    elif any(path.iterdir()) and not overwrite:
+        raise DestinationError(
+            f"{path} is a non-empty directory that is not a jaxq checkpoint; choose an empty or new "
+            "directory, or pass --overwrite (overwrite=True) to write the checkpoint beside its files")
+    return path
+
+
+def check_replaceable(directory: Path, config: LlamaConfig, source: str, *, overwrite: bool = False) -> None:
+    """Without `overwrite`, refuse to replace a checkpoint of another model than `config` loaded
+    from `source` (a jaxq checkpoint of an older format is replaced: re-quantizing rewrites it)."""
+    metadata = _existing_checkpoint(directory)
+    if overwrite or metadata is None:
+        return
+    saved = LlamaConfig.from_dict(metadata["model_config"])
+    if not _same_source(metadata.get("source", ""), source) or \
+            saved.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
+        raise DestinationError(
+            f"{directory} holds a checkpoint of another model ({metadata.get('source') or 'unknown source'}, not "
+            f"{source}); choose another directory, or pass --overwrite (overwrite=True) to replace it")
+
+
+def _existing_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The metadata of the current-format jaxq checkpoint in `path`; None when there is none or
+    it is of an older format; an error when `path` holds Orbax steps of something else."""
+    if not any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+        return None
+    try:
+        return read_model_metadata(path)
+    except VersionMismatchError:
+        return None
+    except CheckpointError as err:
+        raise DestinationError(f"{path} holds Orbax steps that are not a jaxq checkpoint ({err}); a checkpoint "
+                               "written there would delete them: choose another directory") from None
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Two model sources name the same thing: equal strings, or paths to the same file/directory."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -1,7 +1,8 @@
 """Per-block progress of a calibration run, so an interrupted run continues where it stopped.
 
 resume_dir/
-  run.json       fingerprint of the run (tokens, model config, methods, propagation, step size)
+  run.json       fingerprint of the run: a digest of each thing its results depend on (tokens,
+                 float weights, model config, methods, propagation, step size, checkpoint format)
   blocks/        one checkpoint step per finished block: its quantized params
   activations/   the inputs of the next block (only the newest is kept)
 Blocks are written before the activations that follow them, and each write is atomic, so the
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxq import checkpoint
+from jaxq import checkpoint, tree
 from jaxq.config import QuantConfig, Rule
 
 
@@ -29,12 +30,35 @@ class ResumeMismatchError(ValueError):
     """The resume directory belongs to a different calibration run."""
 
 
-def fingerprint(cal: Any, assignments: dict[str, Any]) -> str:
+def weights_digest(params: Any) -> str:
+    """Hex blake2b-128 over every leaf of `params` in path order: its path and the
+    `checkpoint.array_digest` of its array (of each array of a quantized format)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, leaf in sorted(tree.flatten(params)[0], key=lambda item: item[0]):
+        arrays = leaf.arrays() if tree.is_format(leaf) else {"": leaf}
+        for name in sorted(arrays):
+            digest.update(f"{path}/{name}={checkpoint.array_digest(arrays[name])};".encode())
+    return digest.hexdigest()
+
+
+def fingerprint(cal: Any, assignments: dict[str, Any], params: Any) -> dict[str, str]:
+    """{what: sha256 hex} of everything a run's results depend on, `params` being its float weights."""
     methods = QuantConfig(rules=tuple(Rule(f"^{path}$", m) for path, m in sorted(assignments.items()))).to_dict()
-    record = {"tokens": hashlib.sha256(np.ascontiguousarray(cal.tokens, np.int32).tobytes()).hexdigest(),
-              "tokens_shape": list(np.shape(cal.tokens)), "model_config": cal.config.to_dict(),
-              "methods": methods, "propagate": cal.propagate, "step_samples": cal.step_samples}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    tokens = np.ascontiguousarray(cal.tokens, np.int32)
+    parts = {"tokens": [list(tokens.shape), hashlib.sha256(tokens.tobytes()).hexdigest()],
+             "model weights": weights_digest(params), "model config": cal.config.to_dict(), "methods": methods,
+             "propagation": cal.propagate, "step size": cal.step_samples,
+             "checkpoint format": checkpoint.CHECKPOINT_VERSION}
+    return {what: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+            for what, value in parts.items()}
+
+
+def _differences(found: Any, expected: dict[str, str]) -> list[str]:
+    """What differs between a stored fingerprint and this run's (one written by an older jaxq
+    is a single hash, not a dict)."""
+    if not isinstance(found, dict):
+        return ["jaxq version"]
+    return [what for what in expected if found.get(what) != expected[what]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +66,25 @@ class Progress:
     directory: Path
 
     @classmethod
-    def open(cls, cal: Any, assignments: dict[str, Any]) -> Progress:
+    def open(cls, cal: Any, assignments: dict[str, Any], params: Any) -> Progress:
+        """The progress in `cal.resume_dir`, refused unless it is of this very run (`params`:
+        the float weights being calibrated); a new directory gets this run's fingerprint."""
         directory = Path(cal.resume_dir).absolute()
         directory.mkdir(parents=True, exist_ok=True)
-        marker = directory / "run.json"
-        expected = fingerprint(cal, assignments)
+        marker = directory / checkpoint.RESUME_MARKER
+        expected = fingerprint(cal, assignments, params)
         if marker.is_file():
-            found = json.loads(marker.read_text()).get("fingerprint")
-            if found != expected:
+            try:
+                recorded = json.loads(marker.read_text()).get("fingerprint")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise ResumeMismatchError(f"{marker} is damaged (not the JSON record jaxq writes); delete "
+                                          f"{directory} to start this run over") from None
+            differ = _differences(recorded, expected)
+            if differ:
                 raise ResumeMismatchError(
-                    f"{directory} holds progress of a different calibration run (other tokens, model, "
-                    "methods or step size); use an empty directory or the original settings")
+                    f"{directory} holds progress of a different calibration run (different {', '.join(differ)}): "
+                    "resuming would put that run's blocks into this one. Use another resume directory, or delete "
+                    f"{directory} to start this run over")
         else:
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"fingerprint": expected}))
@@ -62,18 +94,29 @@ class Progress:
     def restore(self, mesh: Mesh) -> tuple[int, jax.Array | None, dict[int, Any]]:
         """(first block still to do, its input activations or None, {block: quantized params})."""
         try:
-            metadata = checkpoint.read_metadata(self.directory / "activations")
-        except checkpoint.CheckpointError:
-            return 0, None, {}
-        last = metadata["block"]
-        h = checkpoint.read_tree(self.directory / "activations", metadata)["h"]
-        blocks = {}
-        for i in range(last + 1):
-            step_metadata = checkpoint.read_metadata(self.directory / "blocks", step=i)
-            blocks[i] = checkpoint.read_tree(self.directory / "blocks", step_metadata, step=i)["block"]
-        return last + 1, jax.device_put(h, NamedSharding(mesh, P(mesh.axis_names[0]))), blocks
+            start, h, blocks = _read(self.directory)
+        except checkpoint.CheckpointError as err:
+            raise type(err)(f"{err}. This is calibration resume progress: delete {self.directory} to "
+                            "start the run over") from None
+        return start, None if h is None else jax.device_put(h, NamedSharding(mesh, P(mesh.axis_names[0]))), blocks
 
     def save(self, block_index: int, block: Any, h: jax.Array) -> None:
         info = {"block": block_index}
         checkpoint.write_tree(self.directory / "blocks", {"block": block}, info, step=block_index, max_to_keep=None)
         checkpoint.write_tree(self.directory / "activations", {"h": h}, info, step=block_index, max_to_keep=1)
+
+
+def _read(directory: Path) -> tuple[int, jax.Array | None, dict[int, Any]]:
+    """The saved progress: (blocks done, activations after the last [samples, T, D] or None,
+    {block: quantized params}); nothing saved yet is (0, None, {})."""
+    try:
+        metadata = checkpoint.read_metadata(directory / "activations")
+    except checkpoint.NoCheckpointError:
+        return 0, None, {}
+    last = metadata["block"]
+    h = checkpoint.read_tree(directory / "activations", metadata)["h"]
+    blocks = {}
+    for i in range(last + 1):
+        step_metadata = checkpoint.read_metadata(directory / "blocks", step=i)
+        blocks[i] = checkpoint.read_tree(directory / "blocks", step_metadata, step=i)["block"]
+    return last + 1, h, blocks
