@@ -150,13 +150,52 @@ class GPTQConfig:
         return " ".join(["gptq", self.uniform.describe().split(" ", 1)[1], *flags])
 
 
+SEARCH_SCOPES = ("module", "linear")  # AWQConfig.search_scope
+PROPAGATIONS = ("float", "quantized")  # AWQConfig.propagate
+
+
 @register_method
 @dataclasses.dataclass(frozen=True)
 class AWQConfig:
-    """AWQ (Lin et al. 2024): per-input-channel scales s = mean|x|^alpha searched on a grid of
-    `alpha_grid` values, folded into the preceding RMSNorm or linear; then a clip search that
-    shrinks each group's max |w| (`clip_grid` steps, down to 1 - `clip_max_shrink`) on
-    `clip_tokens` tokens; then RTN. The scale search uses at most `search_tokens` tokens.
+    """AWQ (Lin et al. 2024), by default llm-awq's recipe (mit-han-lab/llm-awq,
+    awq/quantize/pre_quant.py `run_awq`, auto_scale.py `auto_scale_block`, auto_clip.py).
+
+    Per group of linears sharing an input (q/k/v; o after v when shapes match; gate/up; down
+    after up): s = mean|x|^alpha / sqrt(max min) for `alpha_grid` values alpha = i/alpha_grid;
+    the group's kernels become Q(W diag(s)) / s and the alpha with the lowest mean squared
+    error of the scored output wins; 1/s is folded into the RMSNorm or linear producing x.
+    All of a block's scales are searched on the float block, then applied; then, per linear
+    except q/k, each group's max |w| is shrunk (`clip_grid` steps, down to 1 - `clip_max_shrink`)
+    to minimise the group's partial output error on every (tokens // `clip_tokens`)-th token of
+    the search inputs (divided by s), the clipped weight being quantized by RTN (`uniform`).
+
+    search_scope: what the scale search scores. "module" (llm-awq's `module2inspect`): the
+      output of the sub-module the group feeds -- the whole self-attention (RoPE, softmax,
+      o_proj) for q/k/v, the whole MLP for gate/up, o_proj / down_proj themselves for o / down
+      -- with the block's other linears in float. "linear": the group's own linear outputs
+      (jaxq's fast variant; the same objective for o and down).
+    search_samples: calibration windows the scale search runs on (evenly spaced); None: all of
+      them, as llm-awq, whose `run_awq` searches on every calibration sample (128 x 512 tokens
+      in its entry.py). mean|x| is always taken over all calibration tokens. Memory: the
+      inputs of every group on those windows, windows x length x (3 hidden + intermediate) x
+      4 bytes (smollm2-135m, 32 x 512: 0.2 GiB); time: alpha_grid + 1 passes of the attention
+      and of the MLP per block (smollm2-135m, 32 x 512: ~3.4 TFLOP per block).
+    search_positions: "linear" scope only: this many evenly spaced positions of each window
+      instead of all of them (the fast variant's former default: 128, i.e. 4096 tokens of
+      32 x 512). The "module" scope runs whole windows (attention needs them).
+    propagate: the next block's inputs. "float" (llm-awq: `run_awq` computes `inps =
+      layer(inps)` with the float block before searching it) or "quantized" (GPTQ's recipe).
+      A block propagates float when all its methods are AWQ with propagate="float";
+      `Calibration(propagate=...)` overrides it for every block.
+    Fast variant (the former default): AWQConfig(search_scope="linear", search_positions=128,
+      propagate="quantized").
+
+    Deviations from llm-awq even with the defaults: computation in float32 (llm-awq: fp16);
+    clip search over all outputs at once (llm-awq: batches of 256 outputs, same result);
+    v -> o is searched whenever v's outputs are o's inputs (llm-awq: when the two weight shapes
+    are equal, i.e. the same test for LLaMA); the calibration text and window count are the
+    caller's (llm-awq: pile-val lines of <= 512 tokens, at most 128, concatenated and cut into
+    512-token blocks; jaxq's quick protocol: 32 windows of 512 tokens of WikiText-2 validation).
     """
 
     method: ClassVar[str] = "awq"
@@ -168,16 +207,30 @@ class AWQConfig:
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512
-    search_tokens: int = 4096
+    search_scope: Literal["module", "linear"] = "module"
+    search_samples: int | None = None
+    search_positions: int | None = None
+    propagate: Literal["float", "quantized"] = "float"
 
     def __post_init__(self):
         if self.alpha_grid < 1 or self.clip_grid < 1 or not 0 < self.clip_max_shrink < 1:
             raise ConfigError("awq needs alpha_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
-        if min(self.clip_tokens, self.search_tokens) < 1:
-            raise ConfigError("awq needs clip_tokens >= 1 and search_tokens >= 1")
+        if self.clip_tokens < 1:
+            raise ConfigError("awq needs clip_tokens >= 1")
+        _check_choice("search_scope", self.search_scope, SEARCH_SCOPES)
+        _check_choice("propagate", self.propagate, PROPAGATIONS)
+        for name in ("search_samples", "search_positions"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"awq {name} must be a positive integer or None (all), got {value!r}")
+        if self.search_positions is not None and self.search_scope != "linear":
+            raise ConfigError("awq search_positions needs search_scope='linear': the module scope runs the "
+                              "attention on whole windows")
 
     def describe(self) -> str:
-        return " ".join(["awq", self.uniform.describe().split(" ", 1)[1]] + ([] if self.clip else ["no-clip"]))
+        flags = ([] if self.clip else ["no-clip"]) + ([] if self.search_scope == "module" else ["linear-search"])
+        flags += [] if self.propagate == "float" else ["quantized-propagation"]
+        return " ".join(["awq", self.uniform.describe().split(" ", 1)[1], *flags])
 
 
 def method_config(name: str, **settings: Any):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.llama import DecoderBlock, KVCache, Llama, attention_mask
+from models.llama import Attention, DecoderBlock, KVCache, Llama, attention_mask
 
 Params = dict[str, Any]
 
@@ -44,6 +44,24 @@ def block_forward(config: LlamaConfig, block_params: Params, x: jax.Array, captu
     (y, _), captured = nnx.capture(block, nnx.Intermediate)(x, positions, mask)
     return y, {f"{module}/{linear}": leaf["inputs"][0] for module, linears in nnx.to_pure_dict(captured).items()
                for linear, leaf in linears.items()}
+
+
+def module_forward(config: LlamaConfig, block_params: Params, module: str, x: jax.Array) -> jax.Array:
+    """One sub-module of a decoder block on its own: x [B, T, in] -> [B, T, out].
+
+    module: a path inside the block, e.g. "self_attn" (RoPE, softmax and o_proj included; full
+    sequences from position 0 with the causal mask, as in `block_forward`), "mlp" or a linear
+    ("self_attn/o_proj"). block_params: the whole block's params.
+    """
+    target = nnx.merge(block_graphdef(config), block_params)
+    for key in module.split("/"):
+        target = getattr(target, key)
+    if not isinstance(target, Attention):
+        return target(x)
+    b, t, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = attention_mask(positions, positions, jnp.ones((b, t), bool), config.sliding_window)
+    return target(x, positions, mask)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -4,6 +4,8 @@ JSON line per variant with the quantization wall time.
     python scripts/ppl_table.py [--model smollm2-135m] [--only "gptq w3 g128" ...] > table.jsonl
 
 Data-aware variants calibrate on the quick protocol's 32 windows of 512 tokens (--calib-samples).
+AWQ runs llm-awq's recipe (module-output scale search on every calibration window, float
+propagation); the `fast` variants are the former linear-output search on 4096 tokens.
 `--data wikitext2-valid` evaluates on held-out validation text instead of the test text, for
 choosing settings (e.g. the L_p norm of MSE range search, default L_4: the `mse` variants)
 without looking at the test set.
@@ -48,6 +50,8 @@ VARIANTS = {
     "gptq w3 g128": G(uniform=W3),
     "gptq w3 g128 act-order": G(uniform=W3, act_order=True),
     "awq w3 g128": A(uniform=W3),
+    **{f"awq w{b} g128 fast": A(uniform=u, search_scope="linear", search_positions=128, propagate="quantized")
+       for b, u in ((4, W4), (3, W3))},
 }
 
 

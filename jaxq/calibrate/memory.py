@@ -19,18 +19,22 @@ class MemoryEstimate:
     captured_inputs: int    # linear inputs of one step's samples, while statistics are computed
     block_scratch: int      # one sample through the block (attention scores, MLP)
     statistics: int         # Hessian accumulators (sum, step, integer limbs) of every input group
+    kept_inputs: int = 0    # every group's inputs on every sample (AWQ's search), when kept
 
     @property
     def total(self) -> int:
-        return self.activations + self.captured_inputs + self.block_scratch + self.statistics
+        return self.activations + self.captured_inputs + self.block_scratch + self.statistics + self.kept_inputs
 
     def describe(self) -> str:
         gib = lambda n: f"{n / 2 ** 30:.2f} GiB"
         return (f"activations {gib(self.activations)}, captured inputs {gib(self.captured_inputs)}, "
-                f"block {gib(self.block_scratch)}, statistics {gib(self.statistics)}")
+                f"block {gib(self.block_scratch)}, statistics {gib(self.statistics)}"
+                + (f", kept inputs {gib(self.kept_inputs)}" if self.kept_inputs else ""))
 
 
-def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int) -> MemoryEstimate:
+def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int,
+             keep_inputs: bool = False) -> MemoryEstimate:
+    """keep_inputs: a method keeps the inputs of every input group on all samples (AWQ)."""
     c = config
     inputs = [c.hidden_size, c.num_heads * c.head_dim, c.hidden_size, c.intermediate_size]
     per_device = -(-samples // devices)
@@ -39,6 +43,7 @@ def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, d
         captured_inputs=local_batch * length * sum(inputs) * F32,
         block_scratch=(c.num_heads * length * length + 3 * length * c.intermediate_size) * F32,
         statistics=sum(k * k for k in inputs) * 5 * F32,
+        kept_inputs=samples * length * sum(inputs) * F32 if keep_inputs else 0,
     )
 
 
@@ -58,8 +63,9 @@ def available_bytes(device) -> int | None:
         return None
 
 
-def check_fits(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int, device) -> None:
-    need = estimate(config, samples, length, local_batch, devices)
+def check_fits(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int, device,
+               keep_inputs: bool = False) -> None:
+    need = estimate(config, samples, length, local_batch, devices, keep_inputs)
     have = available_bytes(device)
     if have is None:
         return

@@ -8,13 +8,14 @@ one sample at a time (`lax.map`), so matmul shapes, and therefore bits, do not d
 sharding either.
 
 Per block:
-  AWQ   one pass on the float block: mean|x| and token samples per input group; scales searched
-        and folded, weights clipped; the result is then quantized by RTN.
+  AWQ   one pass on the float block: mean|x| and the inputs of each input group; scales
+        searched on the output of the sub-module each group feeds (or the linears' own, with
+        search_scope="linear"), then folded; weights clipped; the result quantized by RTN.
   GPTQ  Hessians per input group; with true_sequential, stage by stage (q/k/v -> o -> gate/up
         -> down), each stage's inputs recomputed with the earlier stages already quantized.
   RTN   no statistics.
-Then the block's outputs are recomputed with the quantized block (or the float block, with
-propagate="float": AWQ's original recipe) and become the next block's inputs.
+Then the block's outputs are recomputed with the quantized block (GPTQ's recipe) or the float
+block (AWQ's, llm-awq `run_awq`; `propagation`) and become the next block's inputs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from jaxq.calibrate import memory, resume, stats
 from jaxq.config import AWQConfig, ConfigError, GPTQConfig, UniformConfig
 from jaxq.methods import awq, gptq, rtn
 from models.config import LlamaConfig
-from models.language_model import block_forward, embed
+from models.language_model import block_forward, embed, module_forward
 from models.llama import BLOCK_LINEAR_GROUPS, LinearGroup
 
 log = logging.getLogger("jaxq")
@@ -57,7 +58,8 @@ class Calibration:
     step_samples: samples processed per step over all devices (a multiple of `devices`).
     devices: how many local devices to shard the samples over (None: all).
     propagate: "quantized" (GPTQ's sequential recipe) or "float" (AWQ's: next inputs come
-      from the float block).
+      from the float block) for every block; None: each block's methods decide (`propagation`:
+      float for AWQ with its default propagate="float", quantized otherwise).
     resume_dir: directory for per-block progress; a rerun continues after the last block saved.
     """
 
@@ -65,24 +67,24 @@ class Calibration:
     tokens: np.ndarray
     step_samples: int = 8
     devices: int | None = None
-    propagate: str = "quantized"
+    propagate: str | None = None
     resume_dir: str | os.PathLike | None = None
     progress: bool = True
 
     def __post_init__(self):
-        if self.propagate not in ("quantized", "float"):
-            raise ConfigError(f"propagate={self.propagate!r}; expected 'quantized' or 'float'")
+        if self.propagate not in (None, "quantized", "float"):
+            raise ConfigError(f"propagate={self.propagate!r}; expected 'quantized', 'float' or None (the methods')")
         tokens = np.asarray(self.tokens)
         if tokens.ndim != 2 or tokens.shape[0] < 1:
             raise CalibrationError(f"calibration tokens must be [samples, length], got shape {tokens.shape}")
 
 
-def from_text(lm: Any, source: str = "wikitext2-valid", *, samples: int = 32, length: int = 512,
+def from_text(lm: Any, source: data.Source = "wikitext2-valid", *, samples: int = 32, length: int = 512,
               seed: int = 0, data_dir: str | None = None, **options: Any) -> Calibration:
     """Calibration windows drawn from a text source as in PROTOCOL.md (quick: 32 x 512)."""
-    from jaxq import data, evaluate
+    from jaxq import data
 
-    text = evaluate.resolve_text(source, data_dir)
+    text = data.load_text(source, data_dir)
     tokens = data.calibration_windows(np.asarray(lm.encode(text), np.int32), samples, length, seed)
     return Calibration(config=lm.config, tokens=tokens, **options)
 
@@ -195,35 +197,53 @@ def _tokens(config: Calibration) -> int:
 
 def _awq_phase(cal: Calibration, mesh: Mesh, block: dict, h: jax.Array, methods: dict[str, Any],
                groups: tuple[LinearGroup, ...], block_name: str) -> set[str]:
-    """Search and fold AWQ scales, clip AWQ weights in place (float); returns AWQ linears."""
+    """Search and fold AWQ scales, clip AWQ weights in place (float); returns AWQ linears.
+
+    As llm-awq's `run_awq`: the inputs of every group are collected once from the float block,
+    every group's scale is searched on the float block (`auto_scale_block`), then all are
+    applied (`apply_scale`, which also divides the collected inputs by s), then the clip search
+    runs on the scaled weights and inputs (`auto_clip_block`).
+    """
     awq_groups = [g for g in groups if any(isinstance(methods.get(l), AWQConfig) for l in g.linears)]
     if not awq_groups:
         return set()
-    search_tokens = max(methods[l].search_tokens for g in awq_groups for l in g.linears if l in methods)
-    length = np.asarray(cal.tokens).shape[1]
-    per_sample = min(length, -(-search_tokens // np.asarray(cal.tokens).shape[0]))
-    positions = tuple(np.linspace(0, length - 1, per_sample).astype(int).tolist())
+    samples, length = np.asarray(cal.tokens).shape
+    cfgs = {g.name: methods[next(l for l in g.linears if isinstance(methods.get(l), AWQConfig))] for g in awq_groups}
+    positions = {}
+    for name, cfg in cfgs.items():
+        per_window = length if cfg.search_positions is None else min(length, cfg.search_positions)
+        positions[name] = tuple(np.linspace(0, length - 1, per_window).astype(int).tolist())
+    if len(set(positions.values())) > 1:
+        raise CalibrationError(f"{block_name}: AWQ groups of one block need the same search_positions")
     needs = tuple((g.name, g.linears[0], ("abs_sum", "samples")) for g in awq_groups)
-    found = collect(cal.config, mesh, block, h, needs, cal.step_samples, positions)
-    done = set()
+    found = collect(cal.config, mesh, block, h, needs, cal.step_samples, next(iter(positions.values())))
+    float_block = jax.tree_util.tree_map(lambda x: x, block)  # searched on; `block` is changed below
+    searched = []
     for group in awq_groups:
-        linears = [l for l in group.linears if isinstance(methods.get(l), AWQConfig)]
-        cfg = methods[linears[0]]
-        x = found[group.name]["samples"].reshape(-1, found[group.name]["samples"].shape[-1])
+        linears = tuple(l for l in group.linears if isinstance(methods.get(l), AWQConfig))
+        cfg = cfgs[group.name]
+        x = found[group.name]["samples"]  # [samples, positions, K]
+        if cfg.search_samples is not None and cfg.search_samples < samples:
+            x = x[np.linspace(0, samples - 1, cfg.search_samples).astype(int)]
         abs_mean = found[group.name]["abs_sum"] / _tokens(cal)
-        kernels = [_kernel(block, l) for l in linears]
-        absorb = _scale_absorber(block, group, linears, abs_mean.shape[0])
-        if absorb is None:
+        if _scale_absorber(block, group, abs_mean.shape[0]) is None:
             log.info("%s/%s: no float op can absorb AWQ scales; clip search only", block_name, group.name)
             scale = jnp.ones_like(abs_mean)
         else:
-            scale, alpha, _ = awq.search_scale(x, jnp.concatenate(kernels, axis=1), abs_mean, cfg)
+            search = _scale_search(cal.config, _scored_module(group) if cfg.search_scope == "module" else None,
+                                   linears, cfg)
+            scale, alpha, _ = search(float_block, x, abs_mean)
+            log.debug("%s/%s: AWQ alpha %.2f", block_name, group.name, float(alpha))
+        searched.append((group, linears, cfg, x, scale))
+    for group, linears, _, _, scale in searched:
+        absorb = _scale_absorber(block, group, scale.shape[0])
+        if absorb is not None:
             absorb(scale)
             for l in linears:
                 _set(block, f"{l}/kernel", (_kernel(block, l) * scale[:, None]).astype(_kernel(block, l).dtype))
-            log.debug("%s/%s: AWQ alpha %.2f", block_name, group.name, float(alpha))
-        x_scaled = x / scale
-        clip_x = x_scaled[:: max(1, x_scaled.shape[0] // cfg.clip_tokens)][: cfg.clip_tokens]
+    done = set()
+    for group, linears, cfg, x, scale in searched:
+        clip_x = awq.clip_inputs(x.reshape(-1, x.shape[-1]) / scale, cfg.clip_tokens)
         for l in linears:
             if cfg.clip and l not in awq.NO_CLIP:
                 w = _kernel(block, l)
@@ -232,7 +252,39 @@ def _awq_phase(cal: Calibration, mesh: Mesh, block: dict, h: jax.Array, methods:
     return done
 
 
-def _scale_absorber(block: dict, group: LinearGroup, linears: list[str], channels: int):
+def _scored_module(group: LinearGroup) -> str:
+    """The block sub-module whose output AWQ's scale search scores (llm-awq's `module2inspect`):
+    the module holding the linears when a norm feeds them (q/k/v -> self_attn, gate/up -> mlp),
+    the linear itself when a linear does (v -> o_proj, up -> down_proj)."""
+    if group.norm is not None:
+        return group.linears[0].rsplit("/", 1)[0]
+    return group.linears[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_search(config: LlamaConfig, module: str | None, linears: tuple[str, ...], cfg: AWQConfig) -> Callable:
+    """jit: (float block params, x [samples, T, K], abs_mean [K]) -> (s, alpha, losses).
+
+    module: the scored sub-module (`_scored_module`), run one sample at a time; None: the
+    "linear" scope, the linears' own outputs on every token.
+    """
+    def run(block_params, x, abs_mean):
+        kernels = [_get(block_params, f"{l}/kernel") for l in linears]
+        if module is None:
+            return awq.scale_losses(awq.linear_outputs, x.reshape(-1, x.shape[-1]), kernels, abs_mean, cfg)
+
+        def forward(new_kernels, xs):
+            params = jax.tree_util.tree_map(lambda a: a, block_params)
+            for l, w in zip(linears, new_kernels):
+                _set(params, f"{l}/kernel", w)
+            return jax.lax.map(lambda sample: module_forward(config, params, module, sample[None])[0], xs)
+
+        return awq.scale_losses(forward, x, kernels, abs_mean, cfg)
+
+    return jax.jit(run)
+
+
+def _scale_absorber(block: dict, group: LinearGroup, channels: int):
     """A function dividing the group's input channels by s in the op that produces them, or
     None when nothing can (shapes differ, as v -> o under GQA, or it is already quantized)."""
     if group.norm is not None:
@@ -245,8 +297,21 @@ def _scale_absorber(block: dict, group: LinearGroup, linears: list[str], channel
         return None
 
     def absorb(scale):
-        _set(block, f"{group.previous}/kernel", (previous / scale[None, :]).astype(previous.dtype))
+        current = _get(block, f"{group.previous}/kernel")  # as scaled by the groups before
+        _set(block, f"{group.previous}/kernel", (current / scale[None, :]).astype(current.dtype))
     return absorb
+
+
+def propagation(cal: Calibration, methods: dict[str, Any]) -> str:
+    """Where block i + 1's inputs come from: "float" or "quantized" block i.
+
+    `cal.propagate` when set; otherwise "float" when every method of the block is AWQ with
+    propagate="float" (llm-awq's recipe), else "quantized" (GPTQ's)."""
+    if cal.propagate is not None:
+        return cal.propagate
+    if methods and all(isinstance(m, AWQConfig) and m.propagate == "float" for m in methods.values()):
+        return "float"
+    return "quantized"
 
 
 def _quantize_stage(block: dict, group: LinearGroup, methods: dict[str, Any], hessian: jax.Array | None,
@@ -311,8 +376,9 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         raise CalibrationError(
             f"{samples} samples in steps of {cal.step_samples} over {devices} devices: the step must divide "
             f"the samples, be a multiple of the device count and at most {stats.MAX_SAMPLES_PER_STEP}")
-    memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0])
-    progress = resume.Progress.open(cal, assignments) if cal.resume_dir is not None else None
+    memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0],
+                      keep_inputs=any(isinstance(m, AWQConfig) for m in assignments.values()))
+    progress = resume.Progress.open(cal, assignments, params) if cal.resume_dir is not None else None
     params = dict(params)
     layers = dict(params["layers"])
     start, h = 0, None
@@ -328,7 +394,8 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         name = f"layers/{i}"
         block = layers[i]
         quantized = calibrate_block(cal, mesh, block, h, per_block.get(i, {}), name) if i in per_block else block
-        h = propagate(config, mesh, quantized if cal.propagate == "quantized" else block, h, cal.step_samples)
+        source = quantized if propagation(cal, per_block.get(i, {})) == "quantized" else block
+        h = propagate(config, mesh, source, h, cal.step_samples)
         if not bool(jnp.isfinite(h).all()):
             raise CalibrationError(f"{name}: non-finite activations (NaN or Inf) after this block")
         layers[i] = quantized

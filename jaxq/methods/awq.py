@@ -2,19 +2,21 @@
 
 For linears sharing an input x (q/k/v; gate/up; o after v; down after up):
   s = mean|x|^alpha, normalised by sqrt(max(s) min(s)); alpha on a grid of `alpha_grid` values
-  in [0, 1) minimising  mean((x/s) Q(diag(s) W) - x W)^2  over the group's outputs.
+  in [0, 1) minimising  mean(f(x; Q(W diag(s)) / s) - f(x; W))^2, where f is what the search
+  scores: the sub-module the group feeds (llm-awq's `module2inspect`: the whole attention for
+  q/k/v, the whole MLP for gate/up; `jaxq.calibrate.sequential` builds it) or, in the fast
+  "linear" scope, the group's own outputs x W (`search_scale`).
 W <- diag(s) W and 1/s is folded into whatever produces x (RMSNorm scale or the preceding
 linear's output columns), which is exact in float. Then, per linear except q/k, each group's
 max |w| is shrunk (clip search) to minimise the group's partial output error on a few hundred
-tokens, and the clipped weight is quantized by RTN.
-
-Deviation from llm-awq, on purpose: the scale search measures the error of the group's linear
-outputs, not of the whole attention / MLP module (that would run the block 20 times per group).
+tokens, and the clipped weight is quantized by RTN. `jaxq.config.AWQConfig` lists the
+deviations from mit-han-lab/llm-awq.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,23 +33,55 @@ def normalized_scales(abs_mean: jax.Array, alpha: jax.Array) -> jax.Array:
     return s / jnp.sqrt(s.max() * s.min())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def search_scale(x: jax.Array, w: jax.Array, abs_mean: jax.Array, cfg: AWQConfig):
-    """x [T, K] inputs, w [K, N] the group's kernels side by side, abs_mean [K] = mean|x| over
-    all calibration tokens -> (s [K], best alpha, loss per alpha [alpha_grid])."""
-    x = x.astype(jnp.float32)
-    w = w.astype(jnp.float32)
-    reference = x @ w
+def alphas(cfg: AWQConfig) -> jax.Array:
+    """The grid 0, 1/alpha_grid, ..., (alpha_grid - 1)/alpha_grid (llm-awq: n_grid = 20)."""
+    return jnp.arange(cfg.alpha_grid, dtype=jnp.float32) / cfg.alpha_grid
+
+
+def scaled_quantized(kernels: Sequence[jax.Array], s: jax.Array, cfg: UniformConfig) -> list[jax.Array]:
+    """Q(W diag(s)) / s for each [K, N_i] kernel, in float32: what the search scores in W's place."""
+    return [rtn.fake_quantize(w.astype(jnp.float32) * s[:, None], cfg) / s[:, None] for w in kernels]
+
+
+def scale_losses(forward: Callable[[list[jax.Array], jax.Array], jax.Array], x: jax.Array,
+                 kernels: Sequence[jax.Array], abs_mean: jax.Array, cfg: AWQConfig):
+    """The scale search, traceable (call it under jit).
+
+    forward(kernels, x): the scored output with the group's kernels replaced; x: its input, any
+    shape forward accepts; kernels: the group's float [K, N_i] kernels; abs_mean [K]: mean |x|
+    over the calibration tokens. Each linear is quantized on its own, as in the final RTN.
+    -> (s [K] of the best alpha, best alpha, loss per alpha [alpha_grid]).
+    """
+    reference = forward([w.astype(jnp.float32) for w in kernels], x).astype(jnp.float32)
 
     def loss(alpha):
-        s = normalized_scales(abs_mean, alpha)
-        q = rtn.fake_quantize(w * s[:, None], cfg.uniform)
-        return jnp.mean(((x / s) @ q - reference) ** 2)
+        out = forward(scaled_quantized(kernels, normalized_scales(abs_mean, alpha), cfg.uniform), x)
+        return jnp.mean((out.astype(jnp.float32) - reference) ** 2)
 
-    alphas = jnp.arange(cfg.alpha_grid, dtype=jnp.float32) / cfg.alpha_grid
-    losses = jax.lax.map(loss, alphas)
-    best = alphas[jnp.argmin(losses)]
+    grid = alphas(cfg)
+    losses = jax.lax.map(loss, grid)
+    best = grid[jnp.argmin(losses)]  # the first of equal losses, as llm-awq's strict `<`
     return normalized_scales(abs_mean, best), best, losses
+
+
+def linear_outputs(kernels: Sequence[jax.Array], x: jax.Array) -> jax.Array:
+    """x [..., K] -> the linears' outputs side by side [..., sum N_i] (the "linear" scope)."""
+    x = x.astype(jnp.float32)
+    return jnp.concatenate([x @ w for w in kernels], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def search_scale(x: jax.Array, w: jax.Array | Sequence[jax.Array], abs_mean: jax.Array, cfg: AWQConfig):
+    """The "linear" scope: x [T, K] inputs, w a [K, N] kernel or the group's kernels, abs_mean [K]
+    = mean|x| over all calibration tokens -> (s [K], best alpha, loss per alpha [alpha_grid])."""
+    kernels = [w] if isinstance(w, jax.Array) else list(w)
+    return scale_losses(linear_outputs, x, kernels, abs_mean, cfg)
+
+
+def clip_inputs(x: jax.Array, tokens: int) -> jax.Array:
+    """Every (T // tokens)-th row of x [T, K], from the first (llm-awq's auto_clip_layer:
+    `input_feat[:, 0::n_token // n_sample_token]`, so between `tokens` and 2 `tokens` - 1 rows)."""
+    return x[:: max(1, x.shape[0] // tokens)]
 
 
 def _grouped(w: jax.Array, x: jax.Array, group_size: int):

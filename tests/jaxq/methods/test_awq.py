@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,3 +51,56 @@ def test_clip_with_a_short_last_group(rng):
     assert max_abs.shape == (3, 8)
     clipped = np.asarray(awq.clip_weight(jnp.asarray(w), max_abs, CFG.uniform))
     assert np.all(np.abs(clipped[64:]) <= np.asarray(max_abs)[2] + 1e-6)
+
+
+def direct_losses(x, kernels, abs_mean, cfg, forward):
+    """mean (f(x; Q(W s)/s) - f(x; W))^2 per alpha of the grid, each kernel quantized on its own."""
+    reference = forward(kernels)
+    out = []
+    for alpha in np.arange(cfg.alpha_grid) / cfg.alpha_grid:
+        s = np.maximum(np.asarray(abs_mean, np.float64) ** alpha, 1e-4)
+        s /= np.sqrt(s.max() * s.min())
+        replaced = [np.asarray(rtn.fake_quantize(jnp.asarray(w * s[:, None], jnp.float32), cfg.uniform),
+                               np.float64) / s[:, None] for w in kernels]
+        out.append(np.mean((forward(replaced) - reference) ** 2))
+    return np.array(out)
+
+
+def test_scale_losses_score_whatever_forward_computes(rng):
+    """The module scope's core: the loss is the error of forward's output, here a gated product."""
+    x = outlier_inputs(rng, tokens=128, channels=64)
+    gate, up = (rng.normal(size=(64, 32)).astype(np.float32) for _ in range(2))
+    cfg = AWQConfig(uniform=UniformConfig(bits=3, group_size=32), alpha_grid=5)
+    abs_mean = jnp.asarray(np.abs(x).mean(0))
+    forward = lambda ks, xs: jnp.tanh(xs @ ks[0]) * (xs @ ks[1])
+    scale, alpha, losses = jax.jit(lambda x, a: awq.scale_losses(forward, x, [jnp.asarray(gate), jnp.asarray(up)],
+                                                                 a, cfg))(jnp.asarray(x), abs_mean)
+    x64 = x.astype(np.float64)
+    want = direct_losses(x64, [gate.astype(np.float64), up.astype(np.float64)], abs_mean, cfg,
+                         lambda ks: np.tanh(x64 @ ks[0]) * (x64 @ ks[1]))
+    np.testing.assert_allclose(np.asarray(losses), want, rtol=2e-3)
+    assert float(alpha) == np.float32(np.argmin(want) / 5)
+    np.testing.assert_allclose(np.asarray(scale), np.asarray(awq.normalized_scales(abs_mean, alpha)))
+
+
+def test_linear_scope_quantizes_each_linear_on_its_own(rng):
+    """Per-tensor grids: q, k and v each get their own scale, as in the final RTN."""
+    x = outlier_inputs(rng, tokens=64, channels=32)
+    kernels = [rng.normal(size=(32, n)).astype(np.float32) * c for n, c in ((16, 1.0), (8, 10.0))]
+    cfg = AWQConfig(uniform=UniformConfig(bits=3, granularity="tensor"), alpha_grid=4)
+    abs_mean = jnp.asarray(np.abs(x).mean(0))
+    _, _, losses = awq.search_scale(jnp.asarray(x), [jnp.asarray(k) for k in kernels], abs_mean, cfg)
+    x64 = x.astype(np.float64)
+    want = direct_losses(x64, [k.astype(np.float64) for k in kernels], abs_mean, cfg,
+                         lambda ks: np.concatenate([x64 @ k for k in ks], axis=1))
+    np.testing.assert_allclose(np.asarray(losses), want, rtol=2e-3)
+
+
+def test_clip_tokens_are_llm_awqs_stride(rng):
+    """llm-awq's auto_clip_layer keeps input_feat[0::n_token // 512]: 512 to 1023 tokens."""
+    for tokens in (300, 1024, 1500, 16384):
+        x = jnp.asarray(rng.normal(size=(tokens, 4)).astype(np.float32))
+        got = np.asarray(awq.clip_inputs(x, 512))
+        np.testing.assert_array_equal(got, np.asarray(x)[:: max(1, tokens // 512)])
+    assert awq.clip_inputs(jnp.zeros((16384, 4)), 512).shape == (512, 4)
+    assert awq.clip_inputs(jnp.zeros((1500, 4)), 512).shape == (750, 4)
