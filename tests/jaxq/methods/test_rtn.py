@@ -113,12 +113,89 @@ def test_vmap_over_stacked_layers_equals_one_by_one(rng):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i]))
 
 
-def test_kl_range_clips_rare_outliers_but_keeps_the_bulk(rng):
-    x = np.concatenate([rng.normal(size=200_000), [400.0, -380.0, 390.0]]).astype(np.float32)
+def reference_kl_divergences(x: np.ndarray, bits: int, bins: int = 2048):
+    """float64 NumPy transcription of TensorRT's entropy calibration (Migacz, "8-bit inference
+    with TensorRT", GTC 2017), one candidate at a time: the |x| histogram over [0, max|x|]; for
+    each i in [2^(bits-1), bins] the reference P = hist[:i] with the outliers hist[i:] added to
+    its last bin, and Q = hist[:i] merged into 2^(bits-1) equal-width groups (bin edges
+    linspace(0, i, levels + 1), as NVIDIA's pytorch-quantization bins them), each group's count
+    spread evenly over the bins of the group where P is non-zero; zeros smoothed by eps = 1e-4
+    (MXNet's smoothing); KL(P || Q). Returns (candidates, divergences, bin width)."""
+    levels = 2 ** (bits - 1)
+    ax = np.abs(x.astype(np.float64)).ravel()
+    hist = np.histogram(ax, bins=bins, range=(0.0, ax.max()))[0].astype(np.float64)
+
+    def smooth(d, eps=1e-4):
+        zero = d == 0
+        return d + np.where(zero, eps, -eps * zero.sum() / (~zero).sum())
+
+    candidates = np.arange(levels, bins + 1)
+    divergences = []
+    for i in candidates:
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        nonzero = p > 0
+        group = np.digitize(np.arange(i), np.linspace(0, i, levels + 1)) - 1
+        count = np.bincount(group, weights=hist[:i], minlength=levels)
+        spread_over = np.bincount(group, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, count[group] / np.maximum(spread_over[group], 1), 0.0)
+        p, q = smooth(p), smooth(q)
+        p, q = p / p.sum(), q / q.sum()
+        divergences.append(np.sum(p * np.log(p / q)))
+    return candidates, np.asarray(divergences), ax.max() / bins
+
+
+def kl_test_data(case: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if case == "gaussian_outliers":  # a N(0, 1) bulk and five outliers at 21-25 sigma
+        x = np.concatenate([rng.normal(size=200_000), [25.0, -22.0, 24.0, -23.5, 21.0]])
+    elif case == "laplace":
+        x = rng.laplace(size=200_000)
+    else:
+        x = rng.uniform(-1, 1, size=100_000)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["gaussian_outliers", "laplace", "uniform"])
+def test_kl_range_matches_numpy_tensorrt_entropy_reference(case):
+    """kl_range returns the upper edge of the last kept bin of the KL-optimal candidate (i bins
+    kept: i * width, as pytorch-quantization's calib_bin_edges[i]; TensorRT's slides put it half
+    a bin higher); it must be the reference's optimum to within one histogram bin."""
+    x = kl_test_data(case)
+    candidates, kl, width = reference_kl_divergences(x, bits=8)
+    best = candidates[np.argmin(kl)]
     threshold = float(rtn.kl_range(jnp.asarray(x), bits=8))
-    assert 3.0 < threshold < 40.0, threshold
-    uniform = rng.uniform(-1, 1, size=100_000).astype(np.float32)
-    assert float(rtn.kl_range(jnp.asarray(uniform), bits=8)) > 0.9  # nothing to clip
+    assert abs(threshold - best * width) <= width * 1.001, (threshold / width, best)
+    top = float(np.abs(x).max())
+    assert threshold > (candidates[0] + 1) * width  # not the smallest candidate
+    if case == "uniform":  # nothing to clip: the optimum keeps the whole range
+        assert threshold >= top - width, (threshold, top)
+    else:
+        assert threshold < top - 10 * width, (threshold, top)
+        # a 99.9th-percentile clip lands elsewhere and is measurably worse by the reference's KL
+        pct = float(np.percentile(np.abs(x), 99.9))
+        assert abs(threshold - pct) > 10 * width, (threshold, pct)
+        pct_kl = kl[int(round(pct / width)) - candidates[0]]
+        assert pct_kl > 1.1 * kl.min(), (pct_kl, kl.min())
+
+
+def test_kl_range_clips_outliers_but_keeps_the_bulk():
+    """Gaussian bulk with a few outliers at 21-25 sigma: the KL threshold (about 4.5 sigma here)
+    must clip the outliers yet sit well above the bulk's 99.9th percentile (about 3.3 sigma)."""
+    x = kl_test_data("gaussian_outliers")
+    threshold = float(rtn.kl_range(jnp.asarray(x), bits=8))
+    pct = float(np.percentile(np.abs(x), 99.9))
+    assert 1.2 * pct < threshold < 8.0, (threshold, pct)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_kl_range_matches_reference_at_fewer_bits(bits):
+    """Fewer levels (2^(bits-1) groups, candidates from 2^(bits-1) bins): still the reference."""
+    x = kl_test_data("gaussian_outliers")
+    candidates, kl, width = reference_kl_divergences(x, bits=bits)
+    threshold = float(rtn.kl_range(jnp.asarray(x), bits=bits))
+    assert abs(threshold - candidates[np.argmin(kl)] * width) <= width * 1.001
+    assert threshold > (candidates[0] + 1) * width
 
 
 @pytest.mark.slow
