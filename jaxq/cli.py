@@ -58,10 +58,62 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--calib-len", type=int, default=512, help="tokens per window")
     cal.add_argument("--calib-step", type=int, default=8, help="windows per step over all devices")
     cal.add_argument("--devices", type=int, default=None, help="devices to shard calibration over (default all)")
-    cal.add_argument("--propagate", default="quantized", choices=("quantized", "float"),
-                     help="next block's inputs from the quantized (GPTQ) or float (AWQ) block")
+    cal.add_argument("--propagate", default=None, choices=("quantized", "float"),
+                     help="next block's inputs from the quantized or the float block (default: the method's "
+                          "recipe: quantized for GPTQ, float for AWQ)")
     cal.add_argument("--resume", default=None, metavar="DIR", help="save per-block progress here and resume from it")
     cal.add_argument("--data-dir", default=None, help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV})")
+
+
+# Options that only some methods read (dest names); the rest apply to every method.
+METHOD_OPTIONS = {"gptq": ("act_order", "static_groups", "true_sequential", "damp"), "awq": ("clip",)}
+CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_len", "calib_step", "devices", "propagate", "resume",
+                       "data_dir")
+
+
+class UsageError(ValueError):
+    """Command-line options that contradict each other or do not apply."""
+
+
+def _flag(dest: str) -> str:
+    return "--" + {"true_sequential": "no-true-sequential", "clip": "no-clip"}.get(dest, dest).replace("_", "-")
+
+
+def check_quantize_options(args: argparse.Namespace) -> None:
+    """Refuse options the chosen method or calibration would silently ignore."""
+    from jaxq import config
+
+    defaults = argparse.ArgumentParser()
+    _add_method_options(defaults)
+    given = {dest for dest, default in vars(defaults.parse_args([])).items() if getattr(args, dest) != default}
+    ignored = [dest for method, dests in METHOD_OPTIONS.items() if method != args.method for dest in dests]
+    if config.METHODS[args.method].data_free:
+        ignored += CALIBRATION_OPTIONS
+    if args.calibration != "percentile":
+        ignored.append("percentile")
+    if args.calibration != "mse":
+        ignored.append("mse_norm")
+    if args.granularity != "group":
+        ignored.append("group_size")
+    unused = [_flag(dest) for dest in ignored if dest in given]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --method "
+                         f"{args.method} --granularity {args.granularity} --calibration {args.calibration}")
+
+
+def check_eval_options(args: argparse.Namespace) -> None:
+    """Refuse evaluation options that another option overrides or that do not apply."""
+    unused = []
+    if args.full:
+        unused += [flag for flag, value, default in (("--ctx", args.ctx, 512), ("--windows", args.windows, 64))
+                   if value != default]
+    if args.data_dir is not None and args.data not in data.SOURCES:
+        unused.append("--data-dir")
+    if unused:
+        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with "
+                         f"{'--full' if args.full else f'--data {args.data} (a file, not a named source)'}")
+    if args.data_parallel < 1 or args.model_parallel < 1:
+        raise UsageError("--data-parallel and --model-parallel must be at least 1")
 
 
 def quant_config_from_args(args: argparse.Namespace):
@@ -83,8 +135,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxq import checkpoint, quantization, report
 
     checkpoint.quiet_orbax_logs()
+    check_quantize_options(args)
     cfg = quant_config_from_args(args)
+    out = checkpoint.check_destination(args.out, overwrite=args.overwrite)
     lm = models.load(args.model)
+    checkpoint.check_replaceable(out, lm.config, str(args.model), overwrite=args.overwrite)
     calib = None
     if any(rule.method is not None and not type(rule.method).data_free for rule in cfg.rules):
         from jaxq import calibrate
@@ -95,10 +150,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     qparams = quantization.quantize(lm.params, cfg, calib, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    checkpoint.save(args.out, qparams, model_config=lm.config, quant_config=cfg, tokenizer=lm.tokenizer,
+    checkpoint.save(out, qparams, model_config=lm.config, quant_config=cfg, tokenizer=lm.tokenizer,
                     source=str(args.model))
     sizes = report.size_report(qparams)
-    summary = {"model": args.model, "out": str(args.out), "quant_config": cfg.to_dict(),
+    summary = {"model": args.model, "out": str(out), "quant_config": cfg.to_dict(),
                "quantize_seconds": seconds,
                "calibration": None if calib is None else {"samples": int(calib.tokens.shape[0]),
                                                           "length": int(calib.tokens.shape[1]),
@@ -108,7 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(sizes.table().splitlines()[-2])
-        print(f"quantized in {seconds:.1f}s; checkpoint written to {args.out}")
+        print(f"quantized in {seconds:.1f}s; checkpoint written to {out}")
     return 0
 
 
@@ -116,12 +171,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import models
     from jaxq import checkpoint, evaluate
 
+    check_eval_options(args)
+    ctx, windows = (2048, None) if args.full else (args.ctx, args.windows)
+    evaluate.check_options(ctx, windows, args.batch_size)
     if args.checkpoint:
         checkpoint.quiet_orbax_logs()
         lm = checkpoint.load(args.checkpoint, dtype=args.dtype).language_model()
     else:
         lm = models.load(args.model, dtype=args.dtype)
-    ctx, windows = (2048, None) if args.full else (args.ctx, args.windows)
     mesh = None
     if args.data_parallel * args.model_parallel > 1:
         from jaxq import sharding
@@ -144,7 +201,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from jaxq import checkpoint, report
 
     checkpoint.quiet_orbax_logs()
-    metadata = checkpoint.read_metadata(args.checkpoint)
+    metadata = checkpoint.read_model_metadata(args.checkpoint)
     sizes = report.size_report(checkpoint.abstract_params(metadata))
     if args.json:
         print(json.dumps({"jaxq_version": metadata["jaxq_version"], "source": metadata["source"],
@@ -161,37 +218,68 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxq", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quantize", help="quantize a model and write an Orbax checkpoint")
+    p = sub.add_parser("quantize", parents=[common], help="quantize a model and write an Orbax checkpoint")
     p.add_argument("--model", required=True, help="zoo name, HF directory, .gguf file or Hub id")
     p.add_argument("--out", required=True, help="checkpoint directory (a new step is written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint of another model at --out, or write into a non-empty directory")
     _add_method_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("eval", help="perplexity of a model or checkpoint (PROTOCOL.md)")
+    p = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint (PROTOCOL.md)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="zoo name, HF directory, .gguf file or Hub id")
     source.add_argument("--checkpoint", help="directory written by `jaxq quantize`")
     _add_eval_options(p)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("inspect", help="layers, formats, bits and bytes of a checkpoint")
+    p = sub.add_parser("inspect", parents=[common], help="layers, formats, bits and bytes of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_inspect)
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a problem with the input and what to do: printed as one line."""
+    from jaxq.calibrate import CalibrationError, CalibrationMemoryError
+    from jaxq.calibrate.resume import ResumeMismatchError
+    from jaxq.checkpoint import CheckpointError
+    from jaxq.config import ConfigError
+    from jaxq.data import DataError, DataNotFoundError
+    from jaxq.evaluate import EvaluationError
+    from jaxq.methods.gptq import SingularHessianError
+    from jaxq.quantization import NonFiniteWeightError
+    from jaxq.sharding import MeshError
+    from models import ModelNotFoundError, UnsupportedModelError
+
+    return (UsageError, ConfigError, CalibrationError, CalibrationMemoryError, ResumeMismatchError,
+            CheckpointError, DataError, DataNotFoundError, EvaluationError, MeshError, SingularHessianError,
+            NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (one line on stderr naming the problem), 1 an internal error
+    (its traceback with --debug)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:  # our errors carry the message the user needs
+    except user_errors() as err:
         print(f"jaxq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"jaxq {args.command}: internal error: {type(err).__name__}: {err}\n"
+              "This is a bug in jaxq, not in your input; rerun with --debug for the traceback and report it.",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ class DataNotFoundError(FileNotFoundError):
     """Text that is neither on disk nor reachable, with what to do about it."""
 
 
+class DataError(ValueError):
+    """Text that cannot give the windows asked for (too short, unreadable, bad counts)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSource:
     file: str                       # path under the data directory
@@ -53,19 +57,42 @@ def join_lines(raw: str) -> str:
     return "\n\n".join(line for line in raw.splitlines() if line.strip())
 
 
-def load_text(source: str, data_dir_override: str | os.PathLike | None = None) -> str:
-    """Text of a named source (`wikitext2`, `wikitext2-valid`) or of a local text file."""
-    if source in SOURCES:
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """Text given as itself: `evaluate.perplexity(lm, params, data.Text("..."))`.
+
+    A plain string is always a source name or a path, so a mistyped path is an error, never
+    evaluated as if it were the text.
+    """
+
+    content: str
+
+
+Source = str | os.PathLike | Text  # a named source, a path to a text file, or Text
+
+
+def load_text(source: Source, data_dir_override: str | os.PathLike | None = None) -> str:
+    """Text of a named source (`wikitext2`, `wikitext2-valid`), of a local text file, or `Text`."""
+    if isinstance(source, Text):
+        return source.content
+    if isinstance(source, str) and source in SOURCES:
         spec = SOURCES[source]
         path = data_dir(data_dir_override) / spec.file
         if path.is_file():
             return join_lines(path.read_text(encoding="utf-8"))
         return _from_hub(source, spec, path)
     path = Path(source).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        what = "a directory, not a text file" if path.is_dir() else "no such file"
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:  # unreadable, or a string too long to be a path (raw text passed as one)
+        what = err.strerror or type(err).__name__
     raise DataNotFoundError(
-        f"no text {source!r}: not a named source ({', '.join(SOURCES)}) and not an existing file")
+        f"no text {str(source)[:200]!r}: {what}, and not a named source ({', '.join(SOURCES)}); "
+        "to pass text itself from Python, use jaxq.data.Text(...)")
 
 
 def _from_hub(name: str, spec: TextSource, missing: Path) -> str:
@@ -91,11 +118,11 @@ def eval_windows(ids: np.ndarray, ctx: int, windows: int | None = None) -> np.nd
     ids = np.asarray(ids, np.int32)
     available = len(ids) // ctx
     if available == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, shorter than one window of {ctx}")
+        raise DataError(f"the text has {len(ids)} tokens, shorter than one window of {ctx}")
     if windows is None:
         windows = available
     if windows > available:
-        raise ValueError(f"{windows} windows of {ctx} tokens requested but the text has only "
+        raise DataError(f"{windows} windows of {ctx} tokens requested but the text has only "
                          f"{len(ids)} tokens ({available} windows)")
     return ids[: windows * ctx].reshape(windows, ctx)
 
@@ -104,13 +131,24 @@ def calibration_windows(ids: np.ndarray, samples: int, length: int, seed: int = 
     """Random windows of `length` tokens: int32 [samples, length].
 
     Offsets come from numpy.random.default_rng(seed); 128 are drawn and the first `samples`
-    used, so the quick protocol's 32 windows are a prefix of the full protocol's 128.
+    distinct ones used, so the quick protocol's 32 windows are a prefix of the full protocol's
+    128. Should the draws repeat an offset (a short text), the rest is drawn without replacement;
+    a text with fewer than `samples` possible offsets is an error.
     """
     ids = np.asarray(ids, np.int32)
-    if len(ids) <= length:
-        raise ValueError(f"calibration text has {len(ids)} tokens; windows of {length} need more")
     if samples < 1:
-        raise ValueError(f"calibration needs at least one sample, got {samples}")
+        raise DataError(f"calibration needs at least one sample, got {samples}")
+    if length < 2:
+        raise DataError(f"calibration windows need at least 2 tokens, got length {length}")
+    positions = len(ids) - length  # offsets drawn: 0 .. positions - 1 (the protocol's draw never takes the last)
+    if positions < samples:
+        raise DataError(
+            f"calibration text has {len(ids)} tokens: at most {max(positions, 0)} distinct windows of "
+            f"{length}, {samples} requested; use a longer text, fewer samples or shorter windows")
     rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, len(ids) - length, size=max(samples, CALIBRATION_DRAWS))[:samples]
+    drawn = rng.integers(0, positions, size=max(samples, CALIBRATION_DRAWS))
+    offsets = list(dict.fromkeys(drawn.tolist()))[:samples]  # distinct, in the order drawn
+    if len(offsets) < samples:  # repeats among the draws: top up without replacement
+        unused = np.setdiff1d(np.arange(positions), offsets)
+        offsets += rng.choice(unused, samples - len(offsets), replace=False).tolist()
     return np.stack([ids[o: o + length] for o in offsets])

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxq import data
 from jaxq.sharding import DATA_AXIS, shard_params
+from jaxq.tree import path_str
 from models.config import LlamaConfig
 from models.language_model import LanguageModel, Params, forward
 from models.llama import KVCache
@@ -47,30 +48,53 @@ def window_nll(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Ar
     return -picked.sum(axis=-1)
 
 
-def resolve_text(text_or_source: str, data_dir: str | os.PathLike | None = None) -> str:
-    """A named source, a path to a text file, or the text itself."""
-    if text_or_source in data.SOURCES:
-        return data.load_text(text_or_source, data_dir)
-    if "\n" not in text_or_source and os.path.isfile(os.path.expanduser(text_or_source)):
-        return data.load_text(text_or_source)
-    return text_or_source
+class EvaluationError(ValueError):
+    """Evaluation options that cannot work, or a result that is not a number."""
 
 
-def perplexity_report(lm: LanguageModel, params: Params, text_or_source: str = data.EVAL_SOURCE, *,
+def check_options(ctx: int, windows: int | None, batch_size: int) -> None:
+    """Refuse window settings that cannot give a perplexity, before any text is read."""
+    if ctx < 2:
+        raise EvaluationError(f"ctx={ctx}: a window needs at least 2 tokens (one prediction)")
+    if windows is not None and windows < 1:
+        raise EvaluationError(f"windows={windows}: evaluate at least one window (or all: --full)")
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size={batch_size}: must be at least 1")
+
+
+def first_nonfinite_leaf(params: Params) -> str | None:
+    """Path of the first float array (inside formats too) holding NaN or Inf, else None."""
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+            return path_str(keypath)
+    return None
+
+
+def _nonfinite_nll_error(params: Params, window: int, dtype: str) -> EvaluationError:
+    leaf = first_nonfinite_leaf(params)
+    cause = (f"the weights hold NaN/Inf at {leaf}" if leaf is not None else
+             f"the weights are finite, so the forward pass overflowed in {dtype}"
+             + ("; try --dtype float32" if dtype != "float32" else ""))
+    return EvaluationError(f"the negative log-likelihood of window {window} is not finite: {cause}")
+
+
+def perplexity_report(lm: LanguageModel, params: Params, text_or_source: data.Source = data.EVAL_SOURCE, *,
                       ctx: int = 512, windows: int | None = 64, batch_size: int = 8,
                       data_dir: str | os.PathLike | None = None, progress: bool = True,
                       mesh: Mesh | None = None) -> PerplexityReport:
     """exp(mean NLL over every predicted position of the first `windows` windows of `ctx`).
 
+    text_or_source: a named source (`wikitext2`), a path to a text file, or `data.Text(...)`.
     mesh: a (data, model) mesh (`jaxq.sharding.make_mesh`): windows are split over "data",
     params along their output axis over "model"; batch_size must be a multiple of "data".
     """
-    ids = np.asarray(lm.encode(resolve_text(text_or_source, data_dir)), np.int32)
+    check_options(ctx, windows, batch_size)
+    ids = np.asarray(lm.encode(data.load_text(text_or_source, data_dir)), np.int32)
     tokens = data.eval_windows(ids, ctx, windows)
     place = lambda batch: jnp.asarray(batch)
     if mesh is not None:
         if batch_size % mesh.shape[DATA_AXIS]:
-            raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.shape[DATA_AXIS]} data shards")
+            raise EvaluationError(f"batch_size={batch_size} must be a multiple of the {mesh.shape[DATA_AXIS]} data shards")
         params = shard_params(params, mesh)
         batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
         place = lambda batch: jax.device_put(batch, batch_sharding)
@@ -83,8 +107,11 @@ def perplexity_report(lm: LanguageModel, params: Params, text_or_source: str = d
         real = len(batch)
         if real < batch_size:  # pad to one compiled shape; padded windows are dropped below
             batch = np.concatenate([batch, np.zeros((batch_size - real, ctx), np.int32)])
-        nll = np.asarray(window_nll(lm.config, params, place(batch)), np.float64)
-        total += float(nll[:real].sum())
+        nll = np.asarray(window_nll(lm.config, params, place(batch)), np.float64)[:real]
+        if not np.isfinite(nll).all():
+            bar.close()
+            raise _nonfinite_nll_error(params, lo + int(np.argmin(np.isfinite(nll))), lm.config.dtype)
+        total += float(nll.sum())
         bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / ((lo + real) * (ctx - 1))):.3f}")
     bar.close()
@@ -94,7 +121,7 @@ def perplexity_report(lm: LanguageModel, params: Params, text_or_source: str = d
                             windows=len(tokens), ctx=ctx, seconds=time.perf_counter() - start)
 
 
-def perplexity(lm: LanguageModel, params: Params, text_or_source: str = data.EVAL_SOURCE, *,
+def perplexity(lm: LanguageModel, params: Params, text_or_source: data.Source = data.EVAL_SOURCE, *,
                ctx: int = 512, windows: int | None = 64, **options) -> float:
     """Perplexity as a float; see `perplexity_report` for the options."""
     return perplexity_report(lm, params, text_or_source, ctx=ctx, windows=windows, **options).ppl

@@ -60,16 +60,22 @@ def plan(leaves: list[tuple[str, Any]], cfg: QuantConfig) -> list[Assignment]:
     return out
 
 
-def check_finite(leaves: list[tuple[str, Any]], assignments: list[Assignment]) -> None:
-    """NaN/Inf in a selected weight is an error naming the path (skipped while tracing)."""
-    weights = [leaves[a.index][1] for a in assignments]
-    if not weights or any(isinstance(w, jax.core.Tracer) for w in weights):
+class NonFiniteWeightError(ValueError):
+    """NaN or Inf in the parameters being quantized."""
+
+
+def check_finite(leaves: list[tuple[str, Any]]) -> None:
+    """NaN/Inf in any float leaf, quantized by the config or kept float (an lm_head, a norm), is
+    an error naming the paths (skipped while tracing)."""
+    floats = [(path, leaf) for path, leaf in leaves
+              if not tree.is_format(leaf) and jnp.issubdtype(getattr(leaf, "dtype", jnp.int32), jnp.floating)]
+    if not floats or any(isinstance(leaf, jax.core.Tracer) for _, leaf in floats):
         return
-    finite = jax.jit(lambda ws: [jnp.isfinite(w).all() for w in ws])(weights)
-    bad = [a.path for a, ok in zip(assignments, finite) if not bool(ok)]
+    finite = jax.jit(lambda ws: [jnp.isfinite(w).all() for w in ws])([leaf for _, leaf in floats])
+    bad = [path for (path, _), ok in zip(floats, finite) if not bool(ok)]
     if bad:
-        raise ValueError(f"NaN or Inf in {len(bad)} weight(s), e.g. {', '.join(bad[:3])}; "
-                         "refusing to quantize a broken checkpoint")
+        raise NonFiniteWeightError(f"NaN or Inf in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}; "
+                                   "refusing to quantize a broken checkpoint")
 
 
 def quantize_data_free(weights: list[jax.Array], method: Any) -> list[Any]:
@@ -93,7 +99,7 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
     cfg = as_quant_config(cfg)
     leaves, treedef = tree.flatten(params)
     assignments = plan(leaves, cfg)
-    check_finite(leaves, assignments)
+    check_finite(leaves)
     out = [leaf for _, leaf in leaves]
     data_aware = [a for a in assignments if not type(a.method).data_free]
     if data_aware and calib is None:

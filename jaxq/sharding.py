@@ -13,11 +13,15 @@ from jaxq import tree
 DATA_AXIS, MODEL_AXIS = "data", "model"
 
 
+class MeshError(ValueError):
+    """A device mesh that this machine cannot give."""
+
+
 def make_mesh(data: int = 1, model: int = 1) -> Mesh:
     """A (data, model) mesh over the first data*model devices."""
     devices = jax.devices()
-    if data * model > len(devices):
-        raise ValueError(f"a {data}x{model} mesh needs {data * model} devices, {len(devices)} available")
+    if data < 1 or model < 1 or data * model > len(devices):
+        raise MeshError(f"a {data}x{model} mesh needs {data * model} devices, {len(devices)} available")
     return Mesh(np.array(devices[: data * model]).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
 
 

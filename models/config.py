@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class UnsupportedModelError(ValueError):
@@ -62,6 +64,10 @@ class LlamaConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for RoPE")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise UnsupportedModelError(
+                    f"{name}={getattr(self, name)!r} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UnsupportedModelError(f"sliding_window={self.sliding_window} must be positive")
 
@@ -101,6 +107,10 @@ class LlamaConfig:
                 raise UnsupportedModelError(f"{flag}=true is not supported (LLaMA has no biases)")
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act={hf['hidden_act']!r} is not supported; expected silu")
+        missing = [key for key in REQUIRED_HF_KEYS if key not in hf]
+        if missing:
+            raise UnsupportedModelError(f"config.json lacks {', '.join(missing)} (a {model_type} config needs "
+                                        f"{', '.join(REQUIRED_HF_KEYS)})")
         heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))

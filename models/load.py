@@ -102,6 +102,9 @@ def _assemble(config: LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarray | A
             raise UnsupportedModelError(
                 f"{source}: tensor {'/'.join(map(str, path))} has shape {tuple(value.shape)}, "
                 f"config says {tuple(node.shape)}")
+        if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(np.asarray(value)).all():
+            raise UnsupportedModelError(
+                f"{source}: tensor {'/'.join(map(str, path))} holds NaN or Inf; the checkpoint is damaged")
         target = params
         for key in path[:-1]:
             target = target.setdefault(key, {})
@@ -136,8 +139,14 @@ def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path}/config.json not found")
-    hf_config = json.loads((path / "config.json").read_text())
-    config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UnsupportedModelError(f"{path / 'config.json'} is not valid JSON: {err}") from None
+    try:
+        config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{path / 'config.json'}: {err}") from None
     params = _assemble(config, _hf_tensors(path, config), str(path))
     tok = _hf_tokenizer(path) if tokenizer else None
     return LanguageModel(config=config, params=params, tokenizer=tok, source=str(path))
@@ -156,14 +165,20 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def _hf_tensors(path: Path, config: LlamaConfig) -> Iterator[tuple[tuple, Any]]:
     from safetensors import safe_open
+    from safetensors import SafetensorError
     for file in _safetensors_files(path):
-        with safe_open(str(file), framework="flax") as f:
-            for name in f.keys():
-                key = _hf_param_path(name, config)
-                if key is None:
-                    continue
-                tensor = f.get_tensor(name)
-                yield key, tensor.T if key[-1] == "kernel" else tensor
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                for name in f.keys():
+                    key = _hf_param_path(name, config)
+                    if key is None:
+                        continue
+                    tensor = f.get_tensor(name)
+                    yield key, tensor.T if key[-1] == "kernel" else tensor
+        except (SafetensorError, OSError) as err:
+            raise UnsupportedModelError(
+                f"{file} is not a readable safetensors file ({err}); it may be truncated or "
+                "still downloading: fetch or save it again") from None
 
 
 def _hf_param_path(name: str, config: LlamaConfig) -> tuple | None:

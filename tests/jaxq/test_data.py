@@ -29,11 +29,33 @@ def test_quick_calibration_windows_are_a_prefix_of_the_full_draw():
     assert len(set(starts.tolist())) > 100  # genuinely random offsets
 
 
+def test_calibration_offsets_are_the_protocol_draw():
+    ids = np.arange(300_000)  # no repeats among the draws: exactly PROTOCOL.md's offsets
+    expected = np.random.default_rng(0).integers(0, len(ids) - 512, size=128)[:32]
+    np.testing.assert_array_equal(data.calibration_windows(ids, samples=32, length=512)[:, 0], expected)
+
+
 def test_calibration_errors():
-    with pytest.raises(ValueError, match="calibration text has 10 tokens"):
+    with pytest.raises(ValueError, match="calibration text has 10 tokens: at most 0 distinct windows of 64"):
         data.calibration_windows(np.arange(10), samples=4, length=64)
     with pytest.raises(ValueError, match="at least one sample"):
         data.calibration_windows(np.arange(1000), samples=0, length=64)
+
+
+def test_short_calibration_text_gives_distinct_windows():
+    ids = np.arange(40)  # 8 possible offsets for windows of 32: 32 draws from 8 would repeat
+    windows = data.calibration_windows(ids, samples=8, length=32)
+    assert sorted(windows[:, 0].tolist()) == list(range(8))
+    with pytest.raises(ValueError, match="at most 8 distinct windows of 32, 9 requested"):
+        data.calibration_windows(ids, samples=9, length=32)
+
+
+def test_a_missing_path_is_an_error_not_the_text_itself(tmp_path):
+    with pytest.raises(data.DataNotFoundError, match=r"no such file.*jaxq.data.Text"):
+        data.load_text(str(tmp_path / "texts.txt"))
+    with pytest.raises(data.DataNotFoundError, match="a directory, not a text file"):
+        data.load_text(tmp_path)
+    assert data.load_text(data.Text("/not/a/path")) == "/not/a/path"
 
 
 def test_named_sources_follow_the_protocol_layout(tmp_path, monkeypatch):

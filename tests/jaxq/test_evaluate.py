@@ -1,7 +1,10 @@
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
 import models
 from jaxq import data, evaluate
 from scripts.compare_transformers import transformers_model, transformers_perplexity
@@ -29,7 +32,7 @@ def byte_lm():
 def test_perplexity_is_exp_mean_nll_of_predicted_positions(byte_lm):
     text = "the quick brown fox jumps over the lazy dog " * 20
     ctx, windows = 64, 5
-    report = evaluate.perplexity_report(byte_lm, byte_lm.params, text, ctx=ctx, windows=windows,
+    report = evaluate.perplexity_report(byte_lm, byte_lm.params, data.Text(text), ctx=ctx, windows=windows,
                                         batch_size=2, progress=False)  # 5 = 2 + 2 + 1 (padded)
     tokens = data.eval_windows(byte_lm.encode(text), ctx, windows)
     logits = np.asarray(byte_lm.apply(byte_lm.params, tokens), np.float64)
@@ -43,8 +46,28 @@ def test_text_file_and_named_source(byte_lm, tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abcdefgh" * 40)
     from_file = evaluate.perplexity(byte_lm, byte_lm.params, str(path), ctx=32, windows=4, progress=False)
-    from_text = evaluate.perplexity(byte_lm, byte_lm.params, "abcdefgh" * 40, ctx=32, windows=4, progress=False)
+    from_text = evaluate.perplexity(byte_lm, byte_lm.params, data.Text("abcdefgh" * 40), ctx=32, windows=4,
+                                    progress=False)
     assert from_file == from_text
+    with pytest.raises(data.DataNotFoundError, match="no such file"):  # never evaluated as the text itself
+        evaluate.perplexity(byte_lm, byte_lm.params, str(tmp_path / "missing.txt"), ctx=4, progress=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ctx=0), "ctx=0: a window needs at least 2 tokens"),
+    (dict(windows=0), "windows=0: evaluate at least one window"),
+    (dict(batch_size=0), "batch_size=0: must be at least 1"),
+])
+def test_impossible_window_settings_are_errors(byte_lm, options, message):
+    with pytest.raises(evaluate.EvaluationError, match=message):
+        evaluate.perplexity(byte_lm, byte_lm.params, data.Text("x" * 100), **{"ctx": 8, **options}, progress=False)
+
+
+def test_non_finite_loss_names_the_broken_weight(byte_lm):
+    params = jax.tree_util.tree_map(lambda x: x, byte_lm.params)
+    params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)  # a weight no method touches
+    with pytest.raises(evaluate.EvaluationError, match="window 0 is not finite: the weights hold NaN/Inf at norm/scale"):
+        evaluate.perplexity(byte_lm, params, data.Text("abcdefgh" * 8), ctx=16, windows=2, progress=False)
 
 
 def test_greedy_generation_follows_the_argmax(byte_lm):

@@ -8,6 +8,7 @@ import jaxq
 import models
 from jaxq import tree
 from jaxq.config import ConfigError, QuantConfig, Rule, UniformConfig
+from jaxq.quantization import NonFiniteWeightError
 
 CONFIG = models.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
@@ -74,6 +75,12 @@ def test_non_finite_weights_name_the_path(params, bad):
     w[3, 7] = bad
     params["layers"][1]["mlp"]["up_proj"]["kernel"] = jnp.asarray(w)
     with pytest.raises(ValueError, match="NaN or Inf .*layers/1/mlp/up_proj/kernel"):
+        jaxq.quantize(params, UniformConfig(group_size=32))
+
+
+def test_non_finite_float_weight_that_stays_float_is_an_error(params):
+    params["norm"]["scale"] = params["norm"]["scale"].at[0].set(jnp.inf)  # not selected by any rule
+    with pytest.raises(NonFiniteWeightError, match="NaN or Inf in 1 parameter.*norm/scale"):
         jaxq.quantize(params, UniformConfig(group_size=32))
 
 

@@ -136,6 +136,47 @@ def test_unsupported_rope_type_is_named(tiny_llama, tmp_path):
         models.load(directory)
 
 
+def test_config_without_a_required_key_names_it(tiny_llama):
+    _, directory = tiny_llama
+    path = directory + "/config.json"
+    cfg = json.loads(open(path).read())
+    del cfg["hidden_size"]
+    open(path, "w").write(json.dumps(cfg))
+    with pytest.raises(models.UnsupportedModelError, match="config.json: config.json lacks hidden_size"):
+        models.load(directory)
+
+
+def test_invalid_json_names_the_file(tiny_llama):
+    _, directory = tiny_llama
+    open(directory + "/config.json", "w").write("{not json")
+    with pytest.raises(models.UnsupportedModelError, match=r"tiny-llama/config.json is not valid JSON"):
+        models.load(directory)
+
+
+def test_truncated_safetensors_is_named(tiny_llama):
+    _, directory = tiny_llama
+    path = directory + "/model.safetensors"
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(models.UnsupportedModelError, match="model.safetensors is not a readable safetensors file"):
+        models.load(directory, tokenizer=False)
+
+
+def test_non_finite_tensor_is_named(tiny_llama, tmp_path):
+    torch_model, _ = tiny_llama
+    with torch.no_grad():
+        torch_model.lm_head.weight[2, 3] = float("nan")
+    directory = save_tiny(torch_model, tmp_path / "nan")
+    with pytest.raises(models.UnsupportedModelError, match="lm_head/kernel holds NaN or Inf"):
+        models.load(directory, tokenizer=False)
+
+
+def test_unsupported_dtype_is_named(tiny_llama):
+    _, directory = tiny_llama
+    with pytest.raises(models.UnsupportedModelError, match="dtype='float8' is not supported"):
+        models.load(directory, dtype="float8", tokenizer=False)
+
+
 def test_gguf_tensor_type_without_dequantizer(tiny_llama, tmp_path):
     torch_model, _ = tiny_llama
     path = write_gguf(tmp_path / "bad.gguf", torch_model, bad_tensor_type=gguf.GGMLQuantizationType.Q8_1)

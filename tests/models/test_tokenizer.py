@@ -48,7 +48,7 @@ def rebuilt(path):
     return gguf_tokenizer(gguf.GGUFReader(str(path)), path)
 
 
-def test_smollm2_ids_equal_transformers_on_the_whole_wikitext2_test_text(smollm):
+def test_smollm2_ids_equal_transformers_on_the_whole_wikitext2_texts(smollm):
     from models import zoo
 
     path = zoo.resolve("smollm2-135m")
@@ -57,6 +57,9 @@ def test_smollm2_ids_equal_transformers_on_the_whole_wikitext2_test_text(smollm)
     ids = ours(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 200_000
     assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    calibration_text = data.load_text(data.CALIBRATION_SOURCE)
+    assert ours(calibration_text, add_special_tokens=False)["input_ids"] == \
+        theirs(calibration_text, add_special_tokens=False)["input_ids"]
     for sample in SAMPLES + ["<|im_start|>user\nhi<|im_end|>"]:
         assert ours(sample)["input_ids"] == theirs(sample)["input_ids"]  # with special tokens
     assert ours.decode(ids, clean_up_tokenization_spaces=False) == text
