@@ -10,6 +10,7 @@ data, evaluate, formats, methods, ops, quantization, report, sharding.
 """
 
 import importlib
+import types
 
 __version__ = "0.2.0"
 _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
@@ -22,10 +23,10 @@ from jaxq.quantization import quantize
 from jaxq.report import size_report
 
 __all__ = ["AWQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
-           "method_config", "quantize", "save", "size_report", *_SUBMODULES]
+           "method_config", "quantize", "save", "size_report"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> types.ModuleType:
     """`jaxq.evaluate`, `jaxq.calibrate`, ...: import a submodule when first used (PEP 562), so
     `import jaxq` stays light."""
     if name in _SUBMODULES:

@@ -66,6 +66,9 @@ def gguf_tokenizer_fields(reader: gguf.GGUFReader, source: str | Path) -> tuple[
         config.setdefault("add_bos_token", True)
     for name, key in SPECIAL_TOKEN_IDS.items():
         token_id = _metadata(reader, f"tokenizer.ggml.{key}")
+        if token_id is not None and not 0 <= token_id < len(tokenizer["tokens"]):
+            raise UnsupportedModelError(f"{source}: tokenizer.ggml.{key} = {token_id} is outside the vocabulary "
+                                        f"of {len(tokenizer['tokens'])} tokens")
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
     return str(_metadata(reader, "general.architecture")), tokenizer, config
 

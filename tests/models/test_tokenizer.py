@@ -16,7 +16,7 @@ def reference_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def write_sentencepiece_gguf(path, *, model="llama"):
+def write_sentencepiece_gguf(path, *, model="llama", eos=2):
     """A tokenizer-only llama GGUF shaped like LLaMA-2's: SentencePiece pieces with scores (no
     merges, as llama.cpp writes them), <unk>/<s>/</s>, and 256 byte-fallback tokens."""
     pieces = ["\u2581", "t", "h", "e", "q", "u", "i", "c", "k", "b", "r", "o", "w", "n", "f", "x",
@@ -33,7 +33,7 @@ def write_sentencepiece_gguf(path, *, model="llama"):
     writer.add_token_scores(scores)
     writer.add_token_types([int(t) for t in types])
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(eos)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
@@ -57,6 +57,7 @@ def test_smollm2_ids_equal_transformers_on_the_whole_wikitext2_texts(smollm):
     ids = ours(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 200_000
     assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]  # with special tokens
     calibration_text = data.load_text(data.CALIBRATION_SOURCE)
     assert ours(calibration_text, add_special_tokens=False)["input_ids"] == \
         theirs(calibration_text, add_special_tokens=False)["input_ids"]
@@ -85,6 +86,12 @@ def test_sentencepiece_gguf_equals_transformers(tmp_path):
 def test_unsupported_tokenizer_model_is_named(tmp_path):
     path = write_sentencepiece_gguf(tmp_path / "bert.gguf", model="bert")
     with pytest.raises(UnsupportedModelError, match="tokenizer model 'bert' is not supported"):
+        rebuilt(path)
+
+
+def test_special_token_outside_the_vocabulary_is_named(tmp_path):
+    path = write_sentencepiece_gguf(tmp_path / "bad-eos.gguf", eos=10_000)
+    with pytest.raises(UnsupportedModelError, match="eos_token_id = 10000 is outside the vocabulary of 291"):
         rebuilt(path)
 
 
