@@ -436,7 +436,7 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
             pass
     except OSError as err:
         raise DestinationError(f"cannot write to {path} ({err.strerror or err}); choose a writable directory") from None
-    if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+    if _has_steps(path):
         _existing_checkpoint(path)  # refuses foreign Orbax steps
     elif any(path.iterdir()) and not overwrite:
         raise DestinationError(
@@ -462,7 +462,7 @@ def check_replaceable(directory: Path, config: LlamaConfig, source: str, *, over
 def _existing_checkpoint(path: Path) -> dict[str, Any] | None:
     """The metadata of the current-format jaxq checkpoint in `path`; None when there is none or
     it is of an older format; an error when `path` holds Orbax steps of something else."""
-    if not any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+    if not _has_steps(path):
         return None
     try:
         return read_model_metadata(path)
@@ -471,6 +471,11 @@ def _existing_checkpoint(path: Path) -> dict[str, Any] | None:
     except CheckpointError as err:
         raise DestinationError(f"{path} holds Orbax steps that are not a jaxq checkpoint ({err}); a checkpoint "
                                "written there would delete them: choose another directory") from None
+
+
+def _has_steps(path: Path) -> bool:
+    """`path` holds numbered step directories (Orbax's layout)."""
+    return any(child.name.isdigit() and child.is_dir() for child in path.iterdir())
 
 
 def _same_source(a: str, b: str) -> bool:

@@ -10,13 +10,16 @@ from jaxq import data
 from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule, UniformConfig, method_config
 
 
+QUICK_CTX, QUICK_WINDOWS = 512, 64  # PROTOCOL.md's quick evaluation, the defaults
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=data.EVAL_SOURCE,
                    help=f"evaluation text: {', '.join(data.SOURCES)} or a text file (default %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV} or ../shared/data)")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (quick: 512, full: 2048)")
-    p.add_argument("--windows", type=int, default=64, help="number of windows (quick: 64)")
+    p.add_argument("--ctx", type=int, default=QUICK_CTX, help="window length in tokens (quick: 512, full: 2048)")
+    p.add_argument("--windows", type=int, default=QUICK_WINDOWS, help="number of windows (quick: 64)")
     p.add_argument("--full", action="store_true", help="full protocol: ctx 2048, every window")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
@@ -105,7 +108,8 @@ def check_eval_options(args: argparse.Namespace) -> None:
     """Refuse evaluation options that another option overrides or that do not apply."""
     unused = []
     if args.full:
-        unused += [flag for flag, value, default in (("--ctx", args.ctx, 512), ("--windows", args.windows, 64))
+        unused += [flag for flag, value, default in (("--ctx", args.ctx, QUICK_CTX),
+                                                                 ("--windows", args.windows, QUICK_WINDOWS))
                    if value != default]
     if args.data_dir is not None and args.data not in data.SOURCES:
         unused.append("--data-dir")
