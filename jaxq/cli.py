@@ -108,9 +108,8 @@ def check_eval_options(args: argparse.Namespace) -> None:
     """Refuse evaluation options that another option overrides or that do not apply."""
     unused = []
     if args.full:
-        unused += [flag for flag, value, default in (("--ctx", args.ctx, QUICK_CTX),
-                                                                 ("--windows", args.windows, QUICK_WINDOWS))
-                   if value != default]
+        overridden = (("--ctx", args.ctx, QUICK_CTX), ("--windows", args.windows, QUICK_WINDOWS))
+        unused += [flag for flag, value, default in overridden if value != default]
     if args.data_dir is not None and args.data not in data.SOURCES:
         unused.append("--data-dir")
     if unused:
