@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
-from jaxq.formats import packing
+from jaxq.formats import groups, packing
 
 # (codes int32 [rows, tn], group-parameter tiles [R, tn] each, expand [R, tn] -> [rows, tn])
 #   -> float32 weights [rows, tn]. A [G, E, N] parameter (a table) arrives as E tiles, read by
@@ -131,13 +131,6 @@ def activation_slabs(x: jax.Array, shape: PackedShape, rows: int) -> jax.Array:
     return x.reshape(rows, -1, shape.per_word).transpose(0, 2, 1)
 
 
-def _expand_rows(tile: jax.Array, rows: int) -> jax.Array:
-    """Group rows [R, ..., tn] -> word rows [rows, ..., tn] (R == 1: broadcast; else repeat)."""
-    if tile.shape[0] == 1:
-        return jnp.broadcast_to(tile, (rows,) + tile.shape[1:])
-    return jnp.repeat(tile, rows // tile.shape[0], axis=0)
-
-
 def _slab_codes(words: list[jax.Array], s: int, width: int) -> jax.Array:
     """Whole codes of slab s from the planes' word tiles: int32 [rows, tn]."""
     mask = (1 << width) - 1
@@ -157,7 +150,7 @@ def _tile_product(x_slab: Callable[[int], jax.Array], words: list[jax.Array], pa
     f32 dot there); products of bf16 values are exact in float32, so the result is the same.
     """
     rows = words[0].shape[0]
-    expand = functools.partial(_expand_rows, rows=rows)
+    expand = lambda tile: groups.expand_rows(tile, rows // tile.shape[0], rows)  # [R, ..., tn] -> [rows, ..., tn]
     operand = jnp.float32 if interpret else compute_dtype
     acc = None
     for s in range(shape.per_word):

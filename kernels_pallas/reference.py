@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxq.formats import packing
+from jaxq.formats import groups, packing
 
 
 def unpack_codes(planes: tuple[jax.Array, ...], bits: int, k: int) -> jax.Array:
@@ -21,20 +21,16 @@ def unpack_codes(planes: tuple[jax.Array, ...], bits: int, k: int) -> jax.Array:
     return codes
 
 
-def _group_rows(per_group: jax.Array, group_size: int, k: int) -> jax.Array:
-    return per_group[jnp.minimum(jnp.arange(k) // group_size, per_group.shape[0] - 1)]
-
-
 def uniform_matmul(x: jax.Array, planes, scale, zero, *, bits: int, group_size: int, zero_point: str,
                    perm=None) -> jax.Array:
     """x [M, K] @ W, W[k] = scale[g] * (q[k] - zero[g]) | scale[g] * q[k] + zero[g] | scale[g] * (q[k] - 2^(b-1))."""
     k = x.shape[1]
     q = unpack_codes(planes, bits, k).astype(jnp.float32)
-    s = _group_rows(jnp.broadcast_to(scale, (scale.shape[0], q.shape[1])).astype(jnp.float32), group_size, k)
+    s = groups.expand_rows(jnp.broadcast_to(scale, (scale.shape[0], q.shape[1])).astype(jnp.float32), group_size, k)
     if zero_point == "none":
         w = s * (q - 2 ** (bits - 1))
     else:
-        z = _group_rows(jnp.broadcast_to(zero, (zero.shape[0], q.shape[1])).astype(jnp.float32), group_size, k)
+        z = groups.expand_rows(jnp.broadcast_to(zero, (zero.shape[0], q.shape[1])).astype(jnp.float32), group_size, k)
         w = s * q + z if zero_point == "float" else s * (q - z)
     xs = x.astype(jnp.float32) if perm is None else x.astype(jnp.float32)[:, perm]
     return xs @ w
@@ -44,7 +40,7 @@ def lut_matmul(x: jax.Array, planes, table, *, bits: int, group_size: int, perm=
     """x [M, K] @ W, W[k, n] = table[k // group_size, index[k, n], n]."""
     k = x.shape[1]
     index = unpack_codes(planes, bits, k)
-    rows = _group_rows(table.astype(jnp.float32), group_size, k)  # [K, 2^b, N]
+    rows = groups.expand_rows(table.astype(jnp.float32), group_size, k)  # [K, 2^b, N]
     w = jnp.take_along_axis(rows, index[:, None, :], axis=1)[:, 0, :]
     xs = x.astype(jnp.float32) if perm is None else x.astype(jnp.float32)[:, perm]
     return xs @ w

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxq.formats import packing
+from jaxq.formats import groups, packing
 from jaxq.formats.base import QuantizedArray, dot_operand_dtype, register_format, static_field
 from jaxq.formats.uniform import UniformQ
 
@@ -70,7 +70,7 @@ class CodebookQ(QuantizedArray):
 
     def stored_weight(self, dtype: Any) -> jax.Array:
         in_features, out_features = self.shape
-        group = jnp.minimum(jnp.arange(in_features) // self.group_size, self.num_groups - 1)
+        group = groups.expand_rows(jnp.arange(self.num_groups), self.group_size, in_features)
         w = self.table[group[:, None], self.stored_indices().astype(jnp.int32), jnp.arange(out_features)[None, :]]
         return w.astype(dtype)
 

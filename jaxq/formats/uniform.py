@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxq.formats import packing
+from jaxq.formats import groups, packing
 from jaxq.formats.base import QuantizedArray, dot_operand_dtype, register_format, static_field
 
 # On accelerators, up to this many activation rows the XLA path contracts each group against the
@@ -67,7 +67,7 @@ class UniformQ(QuantizedArray):
 
     @property
     def num_groups(self) -> int:
-        return -(-self.shape[0] // self.group_size)
+        return groups.num_groups(self.shape[0], self.group_size)
 
     def stored_codes(self) -> jax.Array:
         """uint8 [in, out], input rows in stored order."""
@@ -85,14 +85,10 @@ class UniformQ(QuantizedArray):
             offset = -scale * float(2 ** (self.bits - 1))
         return scale, jnp.broadcast_to(offset, shape)
 
-    def _rows(self, per_group: jax.Array) -> jax.Array:
-        """[groups, out] -> [in, out], each group's row repeated over its input rows."""
-        return jnp.repeat(per_group, self.group_size, axis=0,
-                          total_repeat_length=self.num_groups * self.group_size)[: self.shape[0]]
-
     def stored_weight(self, dtype: Any) -> jax.Array:
         scale, offset = self.affine()
-        w = self.stored_codes().astype(jnp.float32) * self._rows(scale) + self._rows(offset)
+        rows = lambda per_group: groups.expand_rows(per_group, self.group_size, self.shape[0])
+        w = self.stored_codes().astype(jnp.float32) * rows(scale) + rows(offset)
         return w.astype(dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -110,12 +106,11 @@ class UniformQ(QuantizedArray):
     def _grouped_matmul(self, x: jax.Array) -> jax.Array:
         """x [M, in] (stored row order) -> float32 [M, out]: per group, dot with the integer
         codes, then scale; the offsets enter through the per-group sums of x."""
-        in_features, out_features = self.shape
-        groups, size = self.num_groups, self.group_size
-        padded = groups * size
+        in_features, size = self.shape[0], self.group_size
+        padded = self.num_groups * size
         codes = packing.unpack(self.codes, self.bits, min(padded, packing.padded_length(in_features)))
-        codes = jnp.pad(codes, ((0, padded - codes.shape[0]), (0, 0))).reshape(groups, size, out_features)
-        xg = jnp.pad(x, ((0, 0), (0, padded - in_features))).reshape(-1, groups, size)
+        codes = groups.split_groups(codes, size, axis=0)  # [G, size, out]
+        xg = groups.split_groups(x, size, axis=1)  # [M, G, size]
         partial = jnp.einsum("mgj,gjn->mgn", xg, codes.astype(x.dtype), preferred_element_type=jnp.float32)
         scale, offset = self.affine()
         xsum = xg.astype(jnp.float32).sum(axis=-1)  # [M, groups]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.config import AWQConfig, UniformConfig
+from jaxq.formats import groups
 from jaxq.methods import rtn
 
 NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")  # llm-awq skips q/k: their error is softmax-shaped
@@ -84,16 +85,6 @@ def clip_inputs(x: jax.Array, tokens: int) -> jax.Array:
     return x[:: max(1, x.shape[0] // tokens)]
 
 
-def _grouped(w: jax.Array, x: jax.Array, group_size: int):
-    """w [K, N], x [T, K] -> zero-padded w [G, g, N], x [T, G, g]."""
-    k = w.shape[0]
-    groups = -(-k // group_size)
-    pad = groups * group_size - k
-    wg = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, group_size, -1)
-    xg = jnp.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], groups, group_size)
-    return wg, xg
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def search_clip(x: jax.Array, w: jax.Array, cfg: AWQConfig) -> jax.Array:
     """Per (group, output) clipping threshold: x [T, K], w [K, N] -> max |w| [G, N].
@@ -103,16 +94,18 @@ def search_clip(x: jax.Array, w: jax.Array, cfg: AWQConfig) -> jax.Array:
     """
     u = cfg.uniform
     group = u.group_size if u.granularity == "group" else w.shape[0]
-    wg, xg = _grouped(w.astype(jnp.float32), x.astype(jnp.float32), group)
+    wg = groups.split_groups(w.astype(jnp.float32), group, axis=0)  # [G, g, N]
+    xg = groups.split_groups(x.astype(jnp.float32), group, axis=1)  # [T, G, g]
     reference = jnp.einsum("tgj,gjn->tgn", xg, wg)
     original_max = jnp.abs(wg).max(axis=1)  # [G, N]
 
     def step(i, best):
         best_err, best_max = best
         max_val = original_max * (1.0 - i / cfg.clip_grid)
-        clipped = jnp.clip(w, -_rows(max_val, group, w.shape[0]), _rows(max_val, group, w.shape[0]))
+        bound = groups.expand_rows(max_val, group, w.shape[0])
+        clipped = jnp.clip(w, -bound, bound)
         q = rtn.fake_quantize(clipped.astype(jnp.float32), u)
-        out = jnp.einsum("tgj,gjn->tgn", xg, _grouped(q, x, group)[0])
+        out = jnp.einsum("tgj,gjn->tgn", xg, groups.split_groups(q, group, axis=0))
         err = jnp.mean((out - reference) ** 2, axis=0)
         better = err < best_err
         return jnp.where(better, err, best_err), jnp.where(better, max_val, best_max)
@@ -122,13 +115,8 @@ def search_clip(x: jax.Array, w: jax.Array, cfg: AWQConfig) -> jax.Array:
     return best_max
 
 
-def _rows(per_group: jax.Array, group_size: int, k: int) -> jax.Array:
-    """[G, N] per-group values repeated over their input rows: [K, N]."""
-    return jnp.repeat(per_group, group_size, axis=0, total_repeat_length=per_group.shape[0] * group_size)[:k]
-
-
 def clip_weight(w: jax.Array, max_abs: jax.Array, cfg: UniformConfig) -> jax.Array:
     """w [K, N] clipped to +-max_abs [G, N] per group."""
     group = cfg.group_size if cfg.granularity == "group" else w.shape[0]
-    bound = _rows(max_abs, group, w.shape[0]).astype(w.dtype)
+    bound = groups.expand_rows(max_abs, group, w.shape[0]).astype(w.dtype)
     return jnp.clip(w, -bound, bound)

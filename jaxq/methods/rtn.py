@@ -14,16 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.config import UniformConfig
+from jaxq.formats import groups
 from jaxq.formats.uniform import UniformQ
-
-
-def split_groups(row: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """row [K] -> (groups [G, g] zero-padded, valid bool [G, g]); the last group may be short."""
-    k = row.shape[0]
-    groups = -(-k // group_size)
-    pad = groups * group_size - k
-    valid = (jnp.arange(groups * group_size) < k).reshape(groups, group_size)
-    return jnp.pad(row, (0, pad)).reshape(groups, group_size), valid
 
 
 def minmax_range(w: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -126,7 +118,7 @@ def calibrated_range(w: jax.Array, valid: jax.Array, cfg: UniformConfig) -> tupl
 
 def fit_row(row: jax.Array, cfg: UniformConfig, group_size: int):
     """One output channel: row [K] -> (codes uint8 [K], scale [G], zero [G] or None)."""
-    w, valid = split_groups(row.astype(jnp.float32), group_size)
+    w, valid = groups.split_groups(row.astype(jnp.float32), group_size), groups.group_mask(row.shape[0], group_size)
     lo, hi = calibrated_range(w, valid, cfg)
     scale, zero = grid_from_range(lo, hi, cfg)
     codes = encode(w, scale, zero, cfg).reshape(-1)[: row.shape[0]]
