@@ -5,34 +5,36 @@
     jaxq.save("runs/w4", qparams, model_config=lm.config, tokenizer=lm.tokenizer)
     print(jaxq.size_report(qparams).table())
 
-Submodules (attributes of `jaxq`, each imported on first use): calibrate, checkpoint, cli, config,
-data, evaluate, formats, methods, ops, quantization, report, sharding.
+`import jaxq` loads the configs, formats and methods (which registers them); everything that
+runs a model (quantize, save/load, calibrate, evaluate, ...) is imported on first use (PEP 562).
+Layers, each importing only those below it: formats, config, methods < models (and ops,
+kernels_pallas) < calibrate, quantization, checkpoint, evaluate < cli.
 """
 
 import importlib
-import types
+from typing import Any
 
 __version__ = "0.2.0"
 _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
                "quantization", "report", "sharding")
+_FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpoint", "size_report": "report"}
 
-from jaxq import formats
-from jaxq.checkpoint import load, save
-from jaxq.config import AWQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig, method_config
-from jaxq.quantization import quantize
-from jaxq.report import size_report
+from jaxq import formats, methods
+from jaxq.config import AWQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig
+from jaxq.methods.registry import method_config
 
 __all__ = ["AWQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
-           "method_config", "quantize", "save", "size_report"]
+           "method_config", "methods", "quantize", "save", "size_report"]
 
 
-def __getattr__(name: str) -> types.ModuleType:
-    """`jaxq.evaluate`, `jaxq.calibrate`, ...: import a submodule when first used (PEP 562), so
-    `import jaxq` stays light."""
+def __getattr__(name: str) -> Any:
+    """`jaxq.quantize`, `jaxq.evaluate`, ...: import the module when first used (PEP 562)."""
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(f"jaxq.{_FUNCTIONS[name]}"), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"jaxq.{name}")
     raise AttributeError(f"module 'jaxq' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_FUNCTIONS))

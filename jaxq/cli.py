@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from jaxq import data
-from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule, UniformConfig, method_config
+from jaxq import data, method_options
+from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule
+from jaxq.methods import registry
 
 
 QUICK_CTX, QUICK_WINDOWS = 512, 64  # PROTOCOL.md's quick evaluation, the defaults
@@ -30,31 +31,10 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
-    from jaxq import config
-
-    p.add_argument("--method", default="rtn", choices=sorted(config.METHODS))
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
-    p.add_argument("--group-size", type=int, default=128, help="input rows per scale (granularity group)")
-    p.add_argument("--granularity", default="group", choices=config.GRANULARITIES)
-    zero = p.add_mutually_exclusive_group()
-    zero.add_argument("--sym", action="store_true", help="symmetric: zero fixed at the middle code")
-    zero.add_argument("--zero-point", default="int", choices=config.ZERO_POINTS,
-                      help="asymmetric zero: integer code (GPTQ/AWQ) or float offset (llama.cpp Q4_1)")
-    p.add_argument("--calibration", default="minmax", choices=config.CALIBRATIONS, help="weight range calibration")
-    p.add_argument("--percentile", type=float, default=99.9)
-    p.add_argument("--mse-norm", type=float, default=UniformConfig.mse_norm,
-                   help="p of the L_p error the mse search minimises (default %(default)s; GPTQ's: 2.4)")
+    method_options.add_method_options(p)
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
-    gptq = p.add_argument_group("gptq")
-    gptq.add_argument("--act-order", action="store_true", help="quantize inputs by descending Hessian diagonal")
-    gptq.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids first")
-    gptq.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                      help="collect all Hessians of a block before quantizing any of its linears")
-    gptq.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
-    awq = p.add_argument_group("awq")
-    awq.add_argument("--no-clip", dest="clip", action="store_false", help="skip AWQ's clip search")
-    cal = p.add_argument_group("calibration (gptq, awq)")
+    cal = p.add_argument_group("calibration (data-aware methods)")
     cal.add_argument("--calib-data", default=data.CALIBRATION_SOURCE,
                      help="calibration text: a named source or a file (default %(default)s)")
     cal.add_argument("--calib-samples", type=int, default=32, help="windows (quick: 32, full: 128)")
@@ -68,8 +48,6 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--data-dir", default=None, help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV})")
 
 
-# Options that only some methods read (dest names); the rest apply to every method.
-METHOD_OPTIONS = {"gptq": ("act_order", "static_groups", "true_sequential", "damp"), "awq": ("clip",)}
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_len", "calib_step", "devices", "propagate", "resume",
                        "data_dir")
 
@@ -78,30 +56,18 @@ class UsageError(ValueError):
     """Command-line options that contradict each other or do not apply."""
 
 
-def _flag(dest: str) -> str:
-    return "--" + {"true_sequential": "no-true-sequential", "clip": "no-clip"}.get(dest, dest).replace("_", "-")
-
-
 def check_quantize_options(args: argparse.Namespace) -> None:
     """Refuse options the chosen method or calibration would silently ignore."""
-    from jaxq import config
-
-    defaults = argparse.ArgumentParser()
-    _add_method_options(defaults)
-    given = {dest for dest, default in vars(defaults.parse_args([])).items() if getattr(args, dest) != default}
-    ignored = [dest for method, dests in METHOD_OPTIONS.items() if method != args.method for dest in dests]
-    if config.METHODS[args.method].data_free:
-        ignored += CALIBRATION_OPTIONS
-    if args.calibration != "percentile":
-        ignored.append("percentile")
-    if args.calibration != "mse":
-        ignored.append("mse_norm")
-    if args.granularity != "group":
-        ignored.append("group_size")
-    unused = [_flag(dest) for dest in ignored if dest in given]
-    if unused:
-        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --method "
-                         f"{args.method} --granularity {args.granularity} --calibration {args.calibration}")
+    ignored = method_options.not_applying(args.method, args)
+    foreign = [flag for flag, condition in ignored if condition is None]
+    if registry.registration(args.method).data_free:
+        defaults = vars(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"]))
+        foreign += ["--" + dest.replace("_", "-") for dest in CALIBRATION_OPTIONS if getattr(args, dest) != defaults[dest]]
+    problems = [f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {args.method}"]
+    problems = problems[:1 if foreign else 0] + [f"{flag} does not apply without {condition}"
+                                                 for flag, condition in ignored if condition is not None]
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 def check_eval_options(args: argparse.Namespace) -> None:
@@ -119,14 +85,8 @@ def check_eval_options(args: argparse.Namespace) -> None:
         raise UsageError("--data-parallel and --model-parallel must be at least 1")
 
 
-def quant_config_from_args(args: argparse.Namespace):
-    uniform = UniformConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
-                            symmetric=args.sym, zero_point=args.zero_point, calibration=args.calibration,
-                            percentile=args.percentile, mse_norm=args.mse_norm)
-    extra = {"gptq": dict(act_order=args.act_order, static_groups=args.static_groups,
-                          true_sequential=args.true_sequential, damp=args.damp),
-             "awq": dict(clip=args.clip)}.get(args.method, {})
-    method = uniform if args.method == "rtn" else method_config(args.method, uniform=uniform, **extra)
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    method = method_options.build_config(args.method, args)
     rules = tuple(Rule(pattern, None) for pattern in args.keep_float) + (Rule(DEFAULT_PATTERN, method),)
     return QuantConfig(rules=rules)
 
@@ -144,7 +104,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     lm = models.load(args.model)
     checkpoint.check_replaceable(out, lm.config, str(args.model), overwrite=args.overwrite)
     calib = None
-    if any(rule.method is not None and not type(rule.method).data_free for rule in cfg.rules):
+    if any(rule.method is not None and not registry.of_config(rule.method).data_free for rule in cfg.rules):
         from jaxq import calibrate
 
         calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,
@@ -213,7 +173,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     c = metadata["model_config"]
     print(f"{args.checkpoint}: written by jaxq {metadata['jaxq_version']} from {metadata['source'] or '?'}")
-    print(f"model: {c['architecture']}, {c['num_layers']} blocks, hidden {c['hidden_size']}, "
+    print("model: none recorded (a params tree saved without a model config)" if c is None else
+          f"model: {c['architecture']}, {c['num_layers']} blocks, hidden {c['hidden_size']}, "
           f"MLP {c['intermediate_size']}, {c['num_heads']}/{c['num_kv_heads']} heads, vocab {c['vocab_size']}")
     print(sizes.table())
     return 0

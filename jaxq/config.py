@@ -12,7 +12,9 @@ wins; `method=None` keeps the leaf in float.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import typing
 from typing import Any, ClassVar, Literal
 
 from jaxq.formats.packing import SUPPORTED_BITS
@@ -20,14 +22,19 @@ from jaxq.formats.packing import SUPPORTED_BITS
 # Every linear inside the decoder blocks; embeddings, norms and lm_head stay float by default.
 DEFAULT_PATTERN = r"^layers/\d+/(self_attn|mlp)/\w+_proj/kernel$"
 
-GRANULARITIES = ("group", "channel", "tensor")
-CALIBRATIONS = ("minmax", "percentile", "mse")
-ZERO_POINTS = ("int", "float")
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 class ConfigError(ValueError):
     """An invalid quantization configuration, with the field and the allowed values."""
+
+
+def setting(default: Any, help: str, *, requires: dict[str, Any] | None = None, flags: tuple[str, ...] = (),
+            cli: bool = True) -> Any:
+    """A method config field with what the command line needs to offer it (`jaxq.method_options`):
+    help text; `requires`: the option only applies when these other fields have these values;
+    `flags`: extra option names; cli=False: not offered."""
+    return dataclasses.field(default=default, metadata={"help": help, "requires": requires or {}, "flags": flags,
+                                                          "cli": cli})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,29 +57,30 @@ class UniformConfig:
     """
 
     method: ClassVar[str] = "rtn"
-    data_free: ClassVar[bool] = True
 
-    bits: int = 4
-    granularity: Literal["group", "channel", "tensor"] = "group"
-    group_size: int = 128
-    symmetric: bool = False
-    zero_point: Literal["int", "float"] = "int"
-    calibration: Literal["minmax", "percentile", "mse"] = "minmax"
-    percentile: float = 99.9
-    mse_norm: float = 4.0
-    mse_grid: int = 100
-    mse_max_shrink: float = 0.8
-    scale_dtype: str = "float16"
+    bits: int = setting(4, "bits per weight: 2, 3, 4 or 8")
+    granularity: Literal["group", "channel", "tensor"] = setting("group", "one scale per group of input rows, "
+                                                                 "per output channel or per tensor")
+    group_size: int = setting(128, "input rows per scale", requires={"granularity": "group"})
+    symmetric: bool = setting(False, "symmetric: zero fixed at the middle code", flags=("--sym",))
+    zero_point: Literal["int", "float"] = setting("int", "asymmetric zero: an integer code (GPTQ/AWQ) or a float "
+                                                  "offset (llama.cpp Q4_1)", requires={"symmetric": False})
+    calibration: Literal["minmax", "percentile", "mse"] = setting("minmax", "weight range calibration")
+    percentile: float = setting(99.9, "clip each group to this percentile", requires={"calibration": "percentile"})
+    mse_norm: float = setting(4.0, "p of the L_p error the mse search minimises (GPTQ's: 2.4)",
+                              requires={"calibration": "mse"})
+    mse_grid: int = setting(100, "shrink factors the mse search tries", requires={"calibration": "mse"})
+    mse_max_shrink: float = setting(0.8, "largest fraction the mse search shrinks the range by",
+                                    requires={"calibration": "mse"})
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
+                                                                     "are stored in")
 
     def __post_init__(self):
         _check_choice("bits", self.bits, SUPPORTED_BITS)
-        _check_choice("granularity", self.granularity, GRANULARITIES)
         if self.calibration == "kl":
             raise ConfigError("calibration='kl' is for activation ranges (a histogram of thousands of values: "
                               "jaxq.methods.rtn.kl_range); use minmax, percentile or mse for weights")
-        _check_choice("calibration", self.calibration, CALIBRATIONS)
-        _check_choice("zero_point", self.zero_point, ZERO_POINTS)
-        _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        check_choices(self)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.symmetric and self.zero_point == "float":
@@ -97,21 +105,23 @@ class UniformConfig:
         return f"{self.method} w{self.bits} {grain} {zero} {self.calibration}"
 
 
+def check_choices(config: Any) -> None:
+    """Every `Literal[...]`-typed field of a config dataclass holds one of its values."""
+    for name, allowed in _literal_fields(type(config)):
+        _check_choice(name, getattr(config, name), allowed)
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple], ...]:
+    return tuple((name, typing.get_args(hint)) for name, hint in typing.get_type_hints(cls).items()
+                 if typing.get_origin(hint) is Literal)
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, allowed))}")
 
 
-METHODS: dict[str, type] = {"rtn": UniformConfig}
-
-
-def register_method(cls: type) -> type:
-    """Make a method config class known by its `method` name (CLI, checkpoint metadata)."""
-    METHODS[cls.method] = cls
-    return cls
-
-
-@register_method
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ/OPTQ (Frantar et al. 2023): column-by-column rounding with Hessian error feedback.
@@ -125,15 +135,16 @@ class GPTQConfig:
     """
 
     method: ClassVar[str] = "gptq"
-    data_free: ClassVar[bool] = False
 
     uniform: UniformConfig = UniformConfig()
-    block_size: int = 128
-    damp: float = 0.01
-    max_damp: float = 1.0
-    act_order: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
+    block_size: int = setting(128, "columns per lazy batch update")
+    damp: float = setting(0.01, "damping as a fraction of mean(diag H)")
+    max_damp: float = setting(1.0, "largest damping tried (x10 per Cholesky failure)")
+    act_order: bool = setting(False, "quantize inputs by descending Hessian diagonal")
+    static_groups: bool = setting(False, "fit group grids on the original weights first (codes stay in input "
+                                         "order)")
+    true_sequential: bool = setting(True, "quantize a block's stages in order, re-collecting inputs after each "
+                                          "(--no-true-sequential: all Hessians of a block first)")
 
     def __post_init__(self):
         if self.block_size <= 0 or self.damp <= 0 or self.max_damp < self.damp:
@@ -150,11 +161,6 @@ class GPTQConfig:
         return " ".join(["gptq", self.uniform.describe().split(" ", 1)[1], *flags])
 
 
-SEARCH_SCOPES = ("module", "linear")  # AWQConfig.search_scope
-PROPAGATIONS = ("float", "quantized")  # AWQConfig.propagate
-
-
-@register_method
 @dataclasses.dataclass(frozen=True)
 class AWQConfig:
     """AWQ (Lin et al. 2024), by default llm-awq's recipe (mit-han-lab/llm-awq,
@@ -199,26 +205,27 @@ class AWQConfig:
     """
 
     method: ClassVar[str] = "awq"
-    data_free: ClassVar[bool] = False
 
     uniform: UniformConfig = UniformConfig()
-    alpha_grid: int = 20
-    clip: bool = True
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.5
-    clip_tokens: int = 512
-    search_scope: Literal["module", "linear"] = "module"
-    search_samples: int | None = None
-    search_positions: int | None = None
-    propagate: Literal["float", "quantized"] = "float"
+    alpha_grid: int = setting(20, "scale exponents tried: alpha = i / alpha_grid")
+    clip: bool = setting(True, "search a clipping threshold per group (--no-clip: skip it)")
+    clip_grid: int = setting(20, "clipping thresholds tried per group", requires={"clip": True})
+    clip_max_shrink: float = setting(0.5, "largest fraction of max|w| clipped", requires={"clip": True})
+    clip_tokens: int = setting(512, "about this many tokens score the clip search", requires={"clip": True})
+    search_scope: Literal["module", "linear"] = setting("module", "what the scale search scores: the sub-module "
+                                                        "the group feeds (llm-awq) or the linears' own outputs")
+    search_samples: int | None = setting(None, "calibration windows the scale search runs on (default all)")
+    search_positions: int | None = setting(None, "positions per window the linear-scope search scores "
+                                                 "(default all)", requires={"search_scope": "linear"})
+    propagate: Literal["float", "quantized"] = setting(
+        "float", "next block's inputs from the float or the quantized block", cli=False)  # the driver's --propagate
 
     def __post_init__(self):
         if self.alpha_grid < 1 or self.clip_grid < 1 or not 0 < self.clip_max_shrink < 1:
             raise ConfigError("awq needs alpha_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
         if self.clip_tokens < 1:
             raise ConfigError("awq needs clip_tokens >= 1")
-        _check_choice("search_scope", self.search_scope, SEARCH_SCOPES)
-        _check_choice("propagate", self.propagate, PROPAGATIONS)
+        check_choices(self)
         for name in ("search_samples", "search_positions"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -233,11 +240,10 @@ class AWQConfig:
         return " ".join(["awq", self.uniform.describe().split(" ", 1)[1], *flags])
 
 
-def method_config(name: str, **settings: Any):
-    """The config of the method called `name` with `settings`."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**settings)
+def is_method_config(value: Any) -> bool:
+    """A method config: a dataclass instance whose class names its method (`method` ClassVar)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type) and \
+        isinstance(getattr(type(value), "method", None), str)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,9 +258,9 @@ class Rule:
             re.compile(self.pattern)
         except re.error as err:
             raise ConfigError(f"rule pattern {self.pattern!r} is not a valid regex: {err}") from None
-        if self.method is not None and getattr(type(self.method), "method", None) not in METHODS:
-            raise ConfigError(f"rule {self.pattern!r}: {self.method!r} is not a method config "
-                              f"(available: {', '.join(sorted(METHODS))})")
+        if self.method is not None and not is_method_config(self.method):
+            raise ConfigError(f"rule {self.pattern!r}: {self.method!r} is not a method config (a frozen dataclass "
+                              "with a `method` name, e.g. jaxq.UniformConfig)")
 
     def matches(self, path: str) -> bool:
         return re.search(self.pattern, path) is not None
@@ -288,13 +294,6 @@ class QuantConfig:
                            "settings": None if r.method is None else _settings(r.method)}
                           for r in self.rules]}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        rules = []
-        for r in d["rules"]:
-            method = None if r["method"] is None else _from_settings(METHODS[r["method"]], r["settings"])
-            rules.append(Rule(r["pattern"], method))
-        return cls(rules=tuple(rules))
 
 
 def _settings(method: Any) -> dict[str, Any]:
@@ -302,12 +301,3 @@ def _settings(method: Any) -> dict[str, Any]:
     return {f.name: (_settings(v) if dataclasses.is_dataclass(v) else v)
             for f in dataclasses.fields(method) for v in [getattr(method, f.name)]}
 
-
-def _from_settings(cls: type, settings: dict[str, Any]) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in settings:
-            value = settings[f.name]
-            nested = dataclasses.is_dataclass(f.default) and isinstance(value, dict)
-            kwargs[f.name] = _from_settings(type(f.default), value) if nested else value
-    return cls(**kwargs)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxq import tree
-from jaxq.config import ConfigError, QuantConfig
-from jaxq.methods import WEIGHT_QUANTIZERS
+from jaxq.calibrate import sequential
+from jaxq.config import ConfigError, QuantConfig, is_method_config
+from jaxq.methods import protocol, registry
 
 STACK_CHUNK = 8  # layers quantized together in one vmapped call (bounds the stacked copy)
 
@@ -28,7 +29,7 @@ def as_quant_config(cfg: Any) -> QuantConfig:
     """A QuantConfig, or a single method config applied with the default rule."""
     if isinstance(cfg, QuantConfig):
         return cfg
-    if getattr(type(cfg), "method", None) is not None:
+    if is_method_config(cfg):
         return QuantConfig.for_method(cfg)
     raise ConfigError(f"expected a QuantConfig or a method config, got {type(cfg).__name__}")
 
@@ -45,6 +46,7 @@ def plan(leaves: list[tuple[str, Any]], cfg: QuantConfig) -> list[Assignment]:
         method = cfg.method_for(path)
         if method is None:
             continue
+        registry.of_config(method)  # a method nobody registered is an error here, before any work
         if tree.is_format(leaf):
             raise ConfigError(f"{path} is already quantized ({leaf.format_name}); quantize float params")
         if not (path.endswith("kernel") and getattr(leaf, "ndim", 0) == 2
@@ -78,13 +80,13 @@ def check_finite(leaves: list[tuple[str, Any]]) -> None:
                                    "refusing to quantize a broken checkpoint")
 
 
-def quantize_data_free(weights: list[jax.Array], method: Any) -> list[Any]:
+def quantize_data_free(weights: list[jax.Array], method: protocol.DataFreeMethod) -> list[Any]:
     """Quantize same-shaped weights by stacking them and vmapping the method over the stack."""
-    fn = jax.vmap(WEIGHT_QUANTIZERS[method.method], in_axes=(0, None))
+    fn = jax.vmap(method.quantize_weight)
     out = []
     for lo in range(0, len(weights), STACK_CHUNK):
         chunk = weights[lo: lo + STACK_CHUNK]
-        stacked = fn(jnp.stack(chunk), method)
+        stacked = fn(jnp.stack(chunk))
         out += [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(len(chunk))]
     return out
 
@@ -101,16 +103,15 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
     assignments = plan(leaves, cfg)
     check_finite(leaves)
     out = [leaf for _, leaf in leaves]
-    data_aware = [a for a in assignments if not type(a.method).data_free]
+    data_free = {a.method: registry.of_config(a.method).data_free for a in assignments}
+    data_aware = [a for a in assignments if not data_free[a.method]]
     if data_aware and calib is None:
         raise ConfigError(f"method {data_aware[0].method.method!r} needs calibration data "
                           f"(calib=jaxq.calibrate.from_text(lm) or a Calibration), e.g. for {data_aware[0].path}")
     if data_aware:
-        from jaxq.calibrate import sequential  # imports models, which import jaxq.ops: not at module load
-
         # every block linear goes through the driver, so later blocks see quantized inputs; the
         # driver refuses data-aware methods outside the blocks
-        driven = [a for a in assignments if a.path.startswith("layers/") or not type(a.method).data_free]
+        driven = [a for a in assignments if a.path.startswith("layers/") or not data_free[a.method]]
         calibrated = sequential.run(tree.unflatten(treedef, out), {a.path: a.method for a in driven}, calib)
         by_path = dict(tree.flatten(calibrated)[0])
         for index, (path, _) in enumerate(leaves):
@@ -122,7 +123,7 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
         batches[(a.method, leaf.shape, jnp.dtype(leaf.dtype).name)].append(a)
     bar = tqdm(total=len(assignments), desc="quantize", unit="weight", disable=not progress)
     for (method, _, _), group in batches.items():
-        quantized = quantize_data_free([leaves[a.index][1] for a in group], method)
+        quantized = quantize_data_free([leaves[a.index][1] for a in group], registry.method(method))
         for a, q in zip(group, quantized):
             out[a.index] = q
         bar.update(len(group))

@@ -114,6 +114,13 @@ class LinearGroup:
     norm: str | None = None
     previous: str | None = None
 
+    @property
+    def module(self) -> str:
+        """The smallest block sub-module whose output the group's linears determine: the one
+        holding them when a norm feeds them (q/k/v -> self_attn, gate/up -> mlp), the linear
+        itself when a linear does (o_proj, down_proj)."""
+        return self.linears[0].rsplit("/", 1)[0] if self.norm is not None else self.linears[0]
+
 
 BLOCK_LINEAR_GROUPS = (
     LinearGroup("attn_in", ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), norm="input_layernorm"),

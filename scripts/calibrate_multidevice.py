@@ -19,13 +19,11 @@ import sys
 import time
 
 
-def parse() -> argparse.Namespace:
+def parse() -> tuple[argparse.Namespace, list[str]]:
+    """This script's options, and the rest: the method options (`jaxq quantize`'s --method,
+    --bits, ...), parsed once jax may be imported (`method_options`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--method", default="gptq", choices=("gptq", "awq"))
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--act-order", action="store_true")
     p.add_argument("--calib-data", default="wikitext2-valid")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
@@ -41,11 +39,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator address (multi-host)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    return p.parse_args()
+    return p.parse_known_args()
 
 
 def main() -> None:
-    args = parse()
+    args, method_argv = parse()
     if args.fake_cpu_devices:  # must happen before jax initialises its backends
         # XLA:CPU's fusion emitters compile fused row reductions differently for different
         # per-device batch sizes (last-bit differences in the block forward); the classic
@@ -60,14 +58,14 @@ def main() -> None:
 
     import jaxq
     import models
-    from jaxq import calibrate, checkpoint, evaluate, sharding
-    from jaxq.config import UniformConfig
+    from jaxq import calibrate, checkpoint, evaluate, method_options, sharding
 
+    methods = argparse.ArgumentParser(prog="calibrate_multidevice.py (method options)")
+    method_options.add_method_options(methods)
+    method_args = methods.parse_args(method_argv)
     checkpoint.quiet_orbax_logs()
     lm = models.load(args.model)
-    uniform = UniformConfig(bits=args.bits, group_size=args.group_size)
-    extra = dict(act_order=args.act_order) if args.method == "gptq" else {}
-    cfg = jaxq.QuantConfig.for_method(jaxq.method_config(args.method, uniform=uniform, **extra))
+    cfg = jaxq.QuantConfig.for_method(method_options.build_config(method_args.method, method_args))
     calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,
                                 step_samples=args.calib_step, devices=args.devices, progress=False)
     start = time.perf_counter()

@@ -70,7 +70,7 @@ def main() -> None:
     for name, cfg in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        data_aware = cfg is not None and not type(cfg).data_free
+        data_aware = cfg is not None and not jaxq.methods.registry.of_config(cfg).data_free
         start = time.perf_counter()
         params = lm.params if cfg is None else jax.block_until_ready(
             jaxq.quantize(lm.params, cfg, calib if data_aware else None))

@@ -1,6 +1,7 @@
-"""Quantization methods: how a format is computed from a weight (and, for some, statistics)."""
+"""Quantization methods: how formats are computed from weights and, for data-aware methods, from
+calibration statistics. Each method is one module implementing `protocol.Method`, registered
+with its config class (`registry`); importing this package registers the built-in ones."""
 
-from jaxq.methods import rtn
+from jaxq.methods import awq, gptq, protocol, registry, rtn
 
-# Data-free methods: name -> function (w [in, out], method config) -> format.
-WEIGHT_QUANTIZERS = {"rtn": rtn.quantize_weight}
+__all__ = ["awq", "gptq", "protocol", "registry", "rtn"]

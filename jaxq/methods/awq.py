@@ -4,7 +4,7 @@ For linears sharing an input x (q/k/v; gate/up; o after v; down after up):
   s = mean|x|^alpha, normalised by sqrt(max(s) min(s)); alpha on a grid of `alpha_grid` values
   in [0, 1) minimising  mean(f(x; Q(W diag(s)) / s) - f(x; W))^2, where f is what the search
   scores: the sub-module the group feeds (llm-awq's `module2inspect`: the whole attention for
-  q/k/v, the whole MLP for gate/up; `jaxq.calibrate.sequential` builds it) or, in the fast
+  q/k/v, the whole MLP for gate/up; run by the driver's `Block.run_module`) or, in the fast
   "linear" scope, the group's own outputs x W (`search_scale`).
 W <- diag(s) W and 1/s is folded into whatever produces x (RMSNorm scale or the preceding
 linear's output columns), which is exact in float. Then, per linear except q/k, each group's
@@ -16,14 +16,19 @@ deviations from mit-han-lab/llm-awq.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq.config import AWQConfig, UniformConfig
 from jaxq.formats import groups
-from jaxq.methods import rtn
+from jaxq.methods import protocol, registry, rtn
+
+log = logging.getLogger("jaxq")
 
 NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")  # llm-awq skips q/k: their error is softmax-shaped
 
@@ -120,3 +125,98 @@ def clip_weight(w: jax.Array, max_abs: jax.Array, cfg: UniformConfig) -> jax.Arr
     group = cfg.group_size if cfg.granularity == "group" else w.shape[0]
     bound = groups.expand_rows(max_abs, group, w.shape[0]).astype(w.dtype)
     return jnp.clip(w, -bound, bound)
+
+
+@functools.lru_cache(maxsize=64)
+def block_scale_search(run_module: Callable | None, module: str | None, linears: tuple[str, ...],
+                       cfg: AWQConfig) -> Callable:
+    """jit: (flat float block params, x [samples, T, K], abs_mean [K]) -> (s, alpha, losses).
+
+    run_module, module: the `Block.run_module` of the model and the scored sub-module
+    (`LinearGroup.module`), run one sample at a time; None, None: the "linear" scope, the
+    linears' own outputs on every token.
+    """
+    def run(params, x, abs_mean):
+        kernels = [params[f"{l}/kernel"] for l in linears]
+        if module is None:
+            return scale_losses(linear_outputs, x.reshape(-1, x.shape[-1]), kernels, abs_mean, cfg)
+
+        def forward(new_kernels, xs):
+            replaced = {**params, **{f"{l}/kernel": w for l, w in zip(linears, new_kernels)}}
+            return jax.lax.map(lambda sample: run_module(replaced, module, sample[None])[0], xs)
+
+        return scale_losses(forward, x, kernels, abs_mean, cfg)
+
+    return jax.jit(run)
+
+
+def scale_absorber(params: protocol.FlatParams, group: Any, channels: int) -> Callable | None:
+    """A function dividing the group's input channels by s in the op that produces them (in
+    `params`, in place), or None when nothing can (shapes differ, as v -> o under GQA, or the
+    producer is already quantized)."""
+    if group.norm is not None:
+        def absorb(scale):
+            norm = params[f"{group.norm}/scale"]
+            params[f"{group.norm}/scale"] = (norm / scale).astype(norm.dtype)
+        return absorb
+    previous = params[f"{group.previous}/kernel"]
+    if not isinstance(previous, jax.Array) or previous.shape[1] != channels:
+        return None
+
+    def absorb(scale):
+        current = params[f"{group.previous}/kernel"]  # as scaled by the groups before
+        params[f"{group.previous}/kernel"] = (current / scale[None, :]).astype(current.dtype)
+    return absorb
+
+
+class AWQ(protocol.Method):
+    """AWQ in the block driver, as llm-awq's `run_awq`: every group's scale is searched on the
+    float block (`auto_scale_block`), then all are applied (`apply_scale`, which also divides the
+    collected inputs by s), then the clip search runs on the scaled weights and inputs
+    (`auto_clip_block`); the result is quantized by RTN."""
+
+    def transform_statistics(self, group: Any) -> tuple[protocol.Statistic, ...]:
+        return protocol.AbsMean(), protocol.Inputs(self.config.search_positions)
+
+    def transform(self, block: protocol.Block, params: protocol.FlatParams, linears: Mapping[str, tuple[str, ...]],
+                  stats: Mapping[str, protocol.GroupStatistics]) -> protocol.FlatParams:
+        cfg = self.config
+        float_params, params = params, dict(params)  # searched on the float block; `params` changes below
+        searched = []
+        for group in (g for g in block.groups if g.name in linears):
+            x = stats[group.name][protocol.Inputs(cfg.search_positions)]  # [samples, positions, K]
+            if cfg.search_samples is not None and cfg.search_samples < block.samples:
+                x = x[np.linspace(0, block.samples - 1, cfg.search_samples).astype(int)]
+            abs_mean = stats[group.name][protocol.AbsMean()]
+            if scale_absorber(params, group, abs_mean.shape[0]) is None:
+                log.info("%s/%s: no float op can absorb AWQ scales; clip search only", block.name, group.name)
+                scale = jnp.ones_like(abs_mean)
+            else:
+                scored = (block.run_module, group.module) if cfg.search_scope == "module" else (None, None)
+                scale, alpha, _ = block_scale_search(*scored, linears[group.name], cfg)(float_params, x, abs_mean)
+                log.debug("%s/%s: AWQ alpha %.2f", block.name, group.name, float(alpha))
+            searched.append((group, x, scale))
+        for group, _, scale in searched:
+            absorb = scale_absorber(params, group, scale.shape[0])
+            if absorb is not None:
+                absorb(scale)
+                for l in linears[group.name]:
+                    w = params[f"{l}/kernel"]
+                    params[f"{l}/kernel"] = (w * scale[:, None]).astype(w.dtype)
+        for group, x, scale in searched:
+            clip_x = clip_inputs(x.reshape(-1, x.shape[-1]) / scale, cfg.clip_tokens)
+            for l in linears[group.name]:
+                if cfg.clip and l not in NO_CLIP:
+                    w = params[f"{l}/kernel"]
+                    params[f"{l}/kernel"] = clip_weight(w, search_clip(clip_x, w, cfg), cfg.uniform)
+        return params
+
+    def quantize(self, kernels: list[jax.Array], stats: protocol.GroupStatistics, name: str) -> list:
+        return [rtn.quantize_weight(w, self.config.uniform) for w in kernels]
+
+    @property
+    def propagate(self) -> str:
+        return self.config.propagate
+
+
+registry.register(AWQConfig, AWQ)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxq.config import GPTQConfig, UniformConfig
 from jaxq.formats.uniform import UniformQ
-from jaxq.methods import rtn
+from jaxq.methods import protocol, registry, rtn
 
 log = logging.getLogger("jaxq")
 
@@ -213,3 +214,21 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
 def quantize_weight(w: jax.Array, hessian: jax.Array, cfg: GPTQConfig, name: str = "") -> UniformQ:
     """GPTQ of one weight [in, out] given H [in, in] -> UniformQ (float32, or float64 under x64)."""
     return quantize_weights([w], hessian, cfg, name)[0]
+
+
+class GPTQ(protocol.Method):
+    """GPTQ in the block driver: the Hessian of each group's input; with true_sequential, each
+    group's is collected after the groups before it are quantized."""
+
+    def statistics(self, group: Any) -> tuple[protocol.Statistic, ...]:
+        return (protocol.Hessian(),)
+
+    @property
+    def sequential(self) -> bool:
+        return self.config.true_sequential
+
+    def quantize(self, kernels: list[jax.Array], stats: protocol.GroupStatistics, name: str) -> list[UniformQ]:
+        return quantize_weights(kernels, stats[protocol.Hessian()], self.config, name)
+
+
+registry.register(GPTQConfig, GPTQ)

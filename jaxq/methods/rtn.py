@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxq.config import UniformConfig
 from jaxq.formats import groups
 from jaxq.formats.uniform import UniformQ
+from jaxq.methods import protocol, registry
 
 
 def minmax_range(w: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -174,3 +175,13 @@ def kl_range(x: jax.Array, bits: int = 8, bins: int = 2048) -> jax.Array:
     kl = jax.lax.map(divergence, candidates)
     best = candidates[jnp.argmin(kl)]
     return best.astype(jnp.float32) * top / bins  # upper edge of the last kept bin
+
+
+class RTN(protocol.DataFreeMethod):
+    """Round to nearest on the config's grid: `UniformConfig` as a method."""
+
+    def quantize_weight(self, w: jax.Array) -> UniformQ:
+        return quantize_weight(w, self.config)
+
+
+registry.register(UniformConfig, RTN)

@@ -1,6 +1,6 @@
 import pytest
 
-from jaxq.config import ConfigError, QuantConfig, Rule, UniformConfig, method_config
+from jaxq.config import ConfigError, QuantConfig, Rule, UniformConfig
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -22,11 +22,6 @@ def test_invalid_uniform_settings_are_named(settings, message):
         UniformConfig(**settings)
 
 
-def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ConfigError, match="unknown method 'squeezy'; available: .*rtn"):
-        method_config("squeezy", bits=4)
-
-
 def test_rules_validate_their_pattern_and_method():
     with pytest.raises(ConfigError, match="not a valid regex"):
         Rule("layers/(", UniformConfig())
@@ -41,9 +36,3 @@ def test_first_matching_rule_wins():
     assert cfg.method_for("layers/0/mlp/up_proj/kernel") is None
     assert cfg.method_for("layers/1/mlp/up_proj/kernel").bits == 3
     assert cfg.method_for("embed_tokens/embedding") is None
-
-
-def test_quant_config_round_trips_through_a_dict():
-    cfg = QuantConfig(rules=(Rule("lm_head", None),
-                             Rule("proj", UniformConfig(bits=2, group_size=64, calibration="mse", symmetric=True))))
-    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
