@@ -27,12 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 import jaxq
 from jaxq import tree
 from jaxq.config import QuantConfig
 from jaxq.formats.base import FORMATS
+from jaxq.methods.registry import quant_config_from_dict
 from models.config import LlamaConfig
+from models.language_model import LanguageModel, abstract_params as model_abstract_params
 
 # Version 2 adds a digest per array. A reader accepts its own version only (`_check_versions`):
 # there is no reader of older versions to fall back on, and reading a version-1 checkpoint would
@@ -70,14 +73,16 @@ class ResumeProgressDirectoryError(CheckpointError):
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     params: Any
-    model_config: LlamaConfig
+    model_config: LlamaConfig | None  # None: a tree saved without a model
     quant_config: QuantConfig | None
     tokenizer: Any
     metadata: dict[str, Any]
 
-    def language_model(self):
+    def language_model(self) -> LanguageModel:
         """A `models.LanguageModel` ready for `apply` / `jaxq.evaluate`."""
-        from models.language_model import LanguageModel
+        if self.model_config is None:
+            raise CheckpointError("this checkpoint was saved without a model config (model_config=None), so it "
+                                  "holds params but no model to run them with")
         return LanguageModel(self.model_config, self.params, self.tokenizer, self.metadata.get("source", ""))
 
 
@@ -99,19 +104,15 @@ def _records(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {}
     records = {}
     for path, leaf in tree.flatten(params)[0]:
-        node = arrays
-        *parents, name = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
         if tree.is_format(leaf):
-            node[name] = leaf.arrays()
+            arrays[path] = leaf.arrays()
             records[path] = {"format": leaf.format_name, "version": leaf.format_version,
                              "static": leaf.static_fields(),
-                             "arrays": {k: _spec(v) for k, v in node[name].items()}}
+                             "arrays": {k: _spec(v) for k, v in arrays[path].items()}}
         else:
-            node[name] = leaf
+            arrays[path] = leaf
             records[path] = {"format": FLOAT, "arrays": {"": _spec(leaf)}}
-    return arrays, records
+    return traverse_util.unflatten_dict(arrays, sep="/"), records
 
 
 def _spec(array: Any) -> dict[str, Any]:
@@ -158,13 +159,15 @@ def write_tree(directory: str | os.PathLike, tree: Any, metadata: dict[str, Any]
     return pending if asynchronous else pending.wait()
 
 
-def save(directory: str | os.PathLike, params: Any, *, model_config: LlamaConfig,
+def save(directory: str | os.PathLike, params: Any, *, model_config: LlamaConfig | None = None,
          quant_config: QuantConfig | None = None, tokenizer: Any = None, source: str = "",
          asynchronous: bool = False) -> Path | PendingSave:
     """Write params (+ metadata) as a new step of `directory`; returns the directory, or a
-    `PendingSave` whose `wait()` commits it when `asynchronous`."""
+    `PendingSave` whose `wait()` commits it when `asynchronous`. Without `model_config` any
+    tree of arrays and formats is saved (and loaded back as nested dicts, unchecked against a
+    model)."""
     metadata = {
-        "model_config": model_config.to_dict(),
+        "model_config": None if model_config is None else model_config.to_dict(),
         "quant_config": None if quant_config is None else quant_config.to_dict(),
         "tokenizer": _tokenizer_record(tokenizer),
         "source": source,
@@ -279,11 +282,9 @@ def read_tree(directory: str | os.PathLike, metadata: dict[str, Any], step: int 
 
 def _verify_arrays(directory: Any, restored: dict[str, Any], records: dict[str, Any]) -> None:
     """Each restored host array has the digest its record holds and, if float, no NaN or Inf."""
+    stored = traverse_util.flatten_dict(restored, sep="/", is_leaf=lambda path, node: "/".join(path) in records)
     for path, record in records.items():
-        node = restored
-        for key in path.split("/"):
-            node = node[key]
-        arrays = {"": node} if record["format"] == FLOAT else node
+        arrays = {"": stored[path]} if record["format"] == FLOAT else stored[path]
         for name, spec in record["arrays"].items():
             where = f"{path}/{name}" if name else path
             if array_digest(arrays[name]) != spec.get("digest"):
@@ -312,15 +313,20 @@ def load(directory: str | os.PathLike, *, expect: LlamaConfig | None = None,
       model is refused. dtype: compute dtype of the returned model config (default: as saved).
     """
     metadata = read_model_metadata(directory)
-    model_config = LlamaConfig.from_dict(metadata["model_config"])
-    if dtype is not None:
-        model_config = model_config.replace(dtype=dtype)
+    model_config = None
+    if metadata["model_config"] is not None:
+        model_config = LlamaConfig.from_dict(metadata["model_config"])
+        if dtype is not None:
+            model_config = model_config.replace(dtype=dtype)
+        _check_against_model(directory, model_config, metadata["leaves"])
     if expect is not None:
+        if model_config is None:
+            raise CheckpointError(f"checkpoint {directory} was saved without a model config; it cannot be "
+                                  f"checked against the expected model")
         _check_same_model(directory, model_config, expect)
-    _check_against_model(directory, model_config, metadata["leaves"])
     quant = metadata.get("quant_config")
     return Checkpoint(params=read_tree(directory, metadata), model_config=model_config,
-                      quant_config=None if quant is None else QuantConfig.from_dict(quant),
+                      quant_config=None if quant is None else quant_config_from_dict(quant),
                       tokenizer=_rebuild_tokenizer(metadata.get("tokenizer")), metadata=metadata)
 
 
@@ -330,14 +336,10 @@ def _abstract_arrays(records: dict[str, Any]) -> dict[str, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     out: dict[str, Any] = {}
     for path, record in records.items():
-        node = out
-        *parents, name = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
         specs = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"]), sharding=device)
                  for k, v in record["arrays"].items()}
-        node[name] = specs[""] if record["format"] == FLOAT else specs
-    return out
+        out[path] = specs[""] if record["format"] == FLOAT else specs
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _check_stored_arrays(directory: Any, stored: Any, expected: Any) -> None:
@@ -361,9 +363,7 @@ def _check_same_model(directory: Any, saved: LlamaConfig, expected: LlamaConfig)
 
 def _check_against_model(directory: Any, config: LlamaConfig, records: dict[str, Any]) -> None:
     """Every leaf the model needs is there with the model's logical shape."""
-    from models.language_model import abstract_params
-
-    expected = {p: tuple(leaf.shape) for p, leaf in tree.flatten(abstract_params(config))[0]}
+    expected = {p: tuple(leaf.shape) for p, leaf in tree.flatten(model_abstract_params(config))[0]}
     stored = {}
     for path, record in records.items():
         stored[path] = (tuple(record["static"]["shape"]) if record["format"] != FLOAT
@@ -379,18 +379,14 @@ def _check_against_model(directory: Any, config: LlamaConfig, records: dict[str,
 
 def _rebuild(restored: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
     """Restored nested arrays -> params tree with formats and integer layer keys."""
-    params: dict[Any, Any] = {}
+    stored = traverse_util.flatten_dict(restored, sep="/", is_leaf=lambda path, node: "/".join(path) in records)
+    params = {}
     for path, record in records.items():
-        node, stored = params, restored
-        *parents, name = path.split("/")
-        for key in parents:
-            stored = stored[key]
-            node = node.setdefault(int(key) if key.isdigit() else key, {})
-        value = stored[name]
+        value = stored[path]
         if record["format"] != FLOAT:
             value = FORMATS[record["format"]].from_arrays(value, record["static"])
-        node[name] = value
-    return params
+        params[tuple(int(k) if k.isdigit() else k for k in path.split("/"))] = value
+    return traverse_util.unflatten_dict(params)
 
 
 def abstract_params(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -451,8 +447,8 @@ def check_replaceable(directory: Path, config: LlamaConfig, source: str, *, over
     metadata = _existing_checkpoint(directory)
     if overwrite or metadata is None:
         return
-    saved = LlamaConfig.from_dict(metadata["model_config"])
-    if not _same_source(metadata.get("source", ""), source) or \
+    saved = None if metadata["model_config"] is None else LlamaConfig.from_dict(metadata["model_config"])
+    if saved is None or not _same_source(metadata.get("source", ""), source) or \
             saved.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
         raise DestinationError(
             f"{directory} holds a checkpoint of another model ({metadata.get('source') or 'unknown source'}, not "

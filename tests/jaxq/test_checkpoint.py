@@ -84,6 +84,22 @@ def test_round_trip_identical_bits_and_logits(quantized, tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(lm.apply(quantized, tokens)), np.asarray(lm.apply(restored.params, tokens)))
 
 
+def test_a_tree_without_a_model_config_round_trips(tmp_path, capsys, rng):
+    """Any tree of arrays and formats, e.g. one quantized weight of a model jaxq has no class for."""
+    w = rng.normal(size=(96, 40)).astype(np.float32)
+    tree = {"encoder": {"dense": {"kernel": jaxq.methods.rtn.quantize_weight(w, UniformConfig(bits=4, group_size=32)),
+                                  "bias": np.zeros(40, np.float32)}}, "step": np.int32(7)}
+    checkpoint.save(tmp_path / "ck", tree, quant_config=QCFG)
+    restored = checkpoint.load(tmp_path / "ck")
+    assert restored.model_config is None and restored.quant_config == QCFG and leaves_equal(tree, restored.params)
+    with pytest.raises(CheckpointError, match="saved without a model config"):
+        restored.language_model()
+    with pytest.raises(CheckpointError, match="saved without a model config"):
+        checkpoint.load(tmp_path / "ck", expect=CONFIG)
+    assert cli.main(["inspect", str(tmp_path / "ck")]) == 0
+    assert "model: none recorded" in capsys.readouterr().out
+
+
 def test_async_save_then_overwrite_keeps_one_step(quantized, tmp_path):
     pending = checkpoint.save(tmp_path / "ck", quantized, model_config=CONFIG, asynchronous=True)
     pending.wait()
