@@ -15,16 +15,7 @@ def is_format(x: Any) -> bool:
 
 def path_str(keypath: tuple) -> str:
     """Keys joined with '/', without a leading Linen 'params' collection or NNX's '.value'."""
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        else:
-            parts.append(str(key))
+    parts = jax.tree_util.keystr(keypath, simple=True, separator="/").split("/") if keypath else []
     if parts and parts[-1] in ("value", "raw_value"):
         parts.pop()
     if parts and parts[0] == "params":
