@@ -33,13 +33,14 @@ class MemoryEstimate:
 
 
 def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int,
-             keep_inputs: bool = False) -> MemoryEstimate:
-    """keep_inputs: a method keeps the inputs of every input group on all samples (AWQ)."""
+             keep_inputs: bool = False, float_path: bool = False) -> MemoryEstimate:
+    """keep_inputs: a method keeps the inputs of every input group on all samples (AWQ);
+    float_path: a trained method needs the float model's activations too (twice the streams)."""
     c = config
     inputs = [c.hidden_size, c.num_heads * c.head_dim, c.hidden_size, c.intermediate_size]
     per_device = -(-samples // devices)
     return MemoryEstimate(
-        activations=2 * per_device * length * c.hidden_size * F32,
+        activations=(4 if float_path else 2) * per_device * length * c.hidden_size * F32,
         captured_inputs=local_batch * length * sum(inputs) * F32,
         block_scratch=(c.num_heads * length * length + 3 * length * c.intermediate_size) * F32,
         statistics=sum(k * k for k in inputs) * 5 * F32,
@@ -64,8 +65,8 @@ def available_bytes(device) -> int | None:
 
 
 def check_fits(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int, device,
-               keep_inputs: bool = False) -> None:
-    need = estimate(config, samples, length, local_batch, devices, keep_inputs)
+               keep_inputs: bool = False, float_path: bool = False) -> None:
+    need = estimate(config, samples, length, local_batch, devices, keep_inputs, float_path)
     have = available_bytes(device)
     if have is None:
         return

@@ -4,7 +4,8 @@ resume_dir/
   run.json       fingerprint of the run: a digest of each thing its results depend on (tokens,
                  float weights, model config, methods, propagation, step size, checkpoint format)
   blocks/        one checkpoint step per finished block: its quantized params
-  activations/   the inputs of the next block (only the newest is kept)
+  activations/   the inputs of the next block, along the calibration path and (for trained
+                 methods) the float path (only the newest is kept)
 Blocks are written before the activations that follow them, and each write is atomic, so the
 newest activations step always has all its blocks.
 """
@@ -91,32 +92,36 @@ class Progress:
             os.replace(tmp, marker)
         return cls(directory)
 
-    def restore(self, mesh: Mesh) -> tuple[int, jax.Array | None, dict[int, Any]]:
-        """(first block still to do, its input activations or None, {block: quantized params})."""
+    def restore(self, mesh: Mesh) -> tuple[int, dict[str, jax.Array] | None, dict[int, Any]]:
+        """(first block still to do, its input activations by stream name or None, {block:
+        quantized params})."""
         try:
-            start, h, blocks = _read(self.directory)
+            start, streams, blocks = _read(self.directory)
         except checkpoint.CheckpointError as err:
             raise type(err)(f"{err}. This is calibration resume progress: delete {self.directory} to "
                             "start the run over") from None
-        return start, None if h is None else jax.device_put(h, NamedSharding(mesh, P(mesh.axis_names[0]))), blocks
+        if streams is not None:
+            streams = jax.device_put(streams, NamedSharding(mesh, P(mesh.axis_names[0])))
+        return start, streams, blocks
 
-    def save(self, block_index: int, block: Any, h: jax.Array) -> None:
+    def save(self, block_index: int, block: Any, streams: dict[str, jax.Array]) -> None:
+        """Block `block_index` done: its quantized params and the next block's inputs by stream."""
         info = {"block": block_index}
         checkpoint.write_tree(self.directory / "blocks", {"block": block}, info, step=block_index, max_to_keep=None)
-        checkpoint.write_tree(self.directory / "activations", {"h": h}, info, step=block_index, max_to_keep=1)
+        checkpoint.write_tree(self.directory / "activations", streams, info, step=block_index, max_to_keep=1)
 
 
-def _read(directory: Path) -> tuple[int, jax.Array | None, dict[int, Any]]:
-    """The saved progress: (blocks done, activations after the last [samples, T, D] or None,
-    {block: quantized params}); nothing saved yet is (0, None, {})."""
+def _read(directory: Path) -> tuple[int, dict[str, jax.Array] | None, dict[int, Any]]:
+    """The saved progress: (blocks done, activations after the last {stream: [samples, T, D]} or
+    None, {block: quantized params}); nothing saved yet is (0, None, {})."""
     try:
         metadata = checkpoint.read_metadata(directory / "activations")
     except checkpoint.NoCheckpointError:
         return 0, None, {}
     last = metadata["block"]
-    h = checkpoint.read_tree(directory / "activations", metadata)["h"]
+    streams = checkpoint.read_tree(directory / "activations", metadata)
     blocks = {}
     for i in range(last + 1):
         step_metadata = checkpoint.read_metadata(directory / "blocks", step=i)
         blocks[i] = checkpoint.read_tree(directory / "blocks", step_metadata, step=i)["block"]
-    return last + 1, h, blocks
+    return last + 1, streams, blocks

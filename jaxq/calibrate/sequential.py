@@ -29,7 +29,7 @@ from jaxq.calibrate.collect import DATA_AXIS, Needs, collect, propagate
 from jaxq.config import ConfigError
 from jaxq.methods import protocol, registry
 from models.config import LlamaConfig
-from models.language_model import embed, module_forward
+from models.language_model import block_forward, embed, module_forward
 from models.llama import BLOCK_LINEAR_GROUPS
 
 
@@ -84,18 +84,21 @@ def make_mesh(devices: int | None) -> Mesh:
 # ------------------------------------------------------------------------ one block
 
 @functools.lru_cache(maxsize=16)
-def _module_runner(config: LlamaConfig):
-    """`protocol.Block.run_module` of a model config (one function per config, so searches jitted
-    on it are compiled once for all blocks)."""
+def _runners(config: LlamaConfig) -> tuple:
+    """`protocol.Block.run_module` and `run_block` of a model config (one pair per config, so
+    what is jitted on them is compiled once for all blocks)."""
     def run_module(params: protocol.FlatParams, module: str, x: jax.Array) -> jax.Array:
         return module_forward(config, traverse_util.unflatten_dict(params, sep="/"), module, x)
-    return run_module
+
+    def run_block(params: protocol.FlatParams, x: jax.Array) -> jax.Array:
+        return block_forward(config, traverse_util.unflatten_dict(params, sep="/"), x)[0]
+    return run_module, run_block
 
 
 def block_view(cal: Calibration, block_name: str) -> protocol.Block:
     """Decoder block `block_name` ("layers/3") as methods see it."""
     samples, length = np.asarray(cal.tokens).shape
-    return protocol.Block(block_name, cal.config, BLOCK_LINEAR_GROUPS, _module_runner(cal.config), samples, length)
+    return protocol.Block(block_name, cal.config, BLOCK_LINEAR_GROUPS, *_runners(cal.config), samples, length)
 
 
 def _distinct(methods: dict[str, protocol.Method], linears: tuple[str, ...]) -> list[protocol.Method]:
@@ -129,9 +132,10 @@ class _Statistics:
 
 
 def calibrate_block(cal: Calibration, mesh: Mesh, block_params: dict, h: jax.Array,
-                    methods: dict[str, protocol.Method], block_name: str) -> dict:
+                    methods: dict[str, protocol.Method], block_name: str, h_float: jax.Array | None = None) -> dict:
     """Quantize one block's linears (`methods`: linear path in the block -> method), calling the
-    methods' hooks in `protocol`'s order; -> the block's new (nested) params."""
+    methods' hooks in `protocol`'s order; -> the block's new (nested) params. h: the block's
+    calibration inputs; h_float: its inputs along the float model (for trained phases)."""
     block = block_view(cal, block_name)
     groups = block.groups
     params = float_params = traverse_util.flatten_dict(block_params, sep="/")
@@ -161,10 +165,11 @@ def calibrate_block(cal: Calibration, mesh: Mesh, block_params: dict, h: jax.Arr
 
     trainers = [m for m in _distinct(methods, everything) if m.trains]
     if trainers:  # 3. trained phases, against the float block's outputs
-        targets = propagate(cal.config, mesh, block_params, h, cal.step_samples)
+        targets = propagate(cal.config, mesh, block_params, h_float, cal.step_samples)
+        inputs = protocol.BlockInputs(quantized=h, float=h_float, targets=targets)
         for method in trainers:
             linears = tuple(l for l in everything if methods.get(l) == method)
-            params = method.train(block, params, float_params, linears, h, targets)
+            params = method.train(block, params, float_params, linears, inputs)
     return traverse_util.unflatten_dict(params, sep="/")
 
 
@@ -204,31 +209,35 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         raise CalibrationError(
             f"{samples} samples in steps of {cal.step_samples} over {devices} devices: the step must divide "
             f"the samples, be a multiple of the device count and at most {stats.MAX_SAMPLES_PER_STEP}")
+    trains = any(m.trains for methods in per_block.values() for m in methods.values())
     memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0],
-                      keep_inputs=any(_keeps_inputs(m) for m in per_block.values()))
+                      keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains)
     progress = resume.Progress.open(cal, assignments, params) if cal.resume_dir is not None else None
     params = dict(params)
     layers = dict(params["layers"])
-    start, h = 0, None
+    start, streams = 0, None  # the next block's inputs: "h" the calibration path, "h_float" the float path
     if progress is not None:
-        start, h, restored = progress.restore(mesh)
+        start, streams, restored = progress.restore(mesh)
         layers.update(restored)
-    if h is None:
+    if streams is None:
         sharding = NamedSharding(mesh, P(DATA_AXIS))
         h = jax.device_put(embed(config, params, jnp.asarray(cal.tokens, jnp.int32)).astype(jnp.float32), sharding)
+        streams = {"h": h, "h_float": h} if trains else {"h": h}
     bar = tqdm(range(config.num_layers), desc="calibrate", unit="block", disable=not cal.progress, initial=start)
     for i in range(start, config.num_layers):
         started = time.perf_counter()
         name = f"layers/{i}"
-        block = layers[i]
-        quantized = calibrate_block(cal, mesh, block, h, per_block[i], name) if i in per_block else block
+        block, h = layers[i], streams["h"]
+        quantized = (calibrate_block(cal, mesh, block, h, per_block[i], name, streams.get("h_float"))
+                     if i in per_block else block)
         source = quantized if propagation(cal, per_block.get(i, {})) == "quantized" else block
-        h = propagate(config, mesh, source, h, cal.step_samples)
-        if not bool(jnp.isfinite(h).all()):
+        streams = {"h": propagate(config, mesh, source, h, cal.step_samples)} | (
+            {"h_float": propagate(config, mesh, block, streams["h_float"], cal.step_samples)} if trains else {})
+        if not all(bool(jnp.isfinite(x).all()) for x in streams.values()):
             raise CalibrationError(f"{name}: non-finite activations (NaN or Inf) after this block")
         layers[i] = quantized
         if progress is not None:
-            progress.save(i, quantized, h)
+            progress.save(i, quantized, streams)
         bar.update(1)
         bar.set_postfix(block=i, seconds=f"{time.perf_counter() - started:.1f}")
     bar.close()

@@ -15,8 +15,9 @@ Per decoder block the driver calls, in this order:
                 (the groups before it already quantized: GPTQ's true-sequential recipe);
                 otherwise every group's are collected first, once. A statistic two methods of
                 one group ask for is collected once.
-  3. train      methods with `trains`: the block's (partly) quantized params refined against
-                the float block's outputs on the same inputs (FlexRound, UniQuanF).
+  3. train      methods with `trains`: the block's (partly) quantized params refined so that
+                the block reproduces the float block's outputs (FlexRound, UniQuanF); the
+                driver then carries the float path's activations beside the calibration path's.
   4. propagate  the next block's inputs are this block's outputs: of the float block when every
                 method of the block has propagate == "float" (AWQ's recipe), else of the
                 quantized block (`Calibration.propagate` overrides both).
@@ -76,18 +77,31 @@ class Block:
     run_module(params, module, x): the sub-module at path `module` ("self_attn", "mlp",
       "mlp/down_proj", ...) of a block with flat `params` on x [1, T, D-or-K] -> [1, T, D-or-N];
       traceable.
+    run_block(params, x): the whole block on x [B, T, D] -> [B, T, D]; traceable.
     """
 
     name: str
     config: Any
     groups: tuple[Any, ...]
     run_module: Callable[[FlatParams, str, jax.Array], jax.Array]
+    run_block: Callable[[FlatParams, jax.Array], jax.Array]
     samples: int
     length: int
 
     @property
     def tokens(self) -> int:
         return self.samples * self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """What a trained phase learns from, every array [samples, T, D] on the driver's mesh:
+    quantized: this block's inputs along the calibration path (the quantized blocks before);
+    float: its inputs along the float model; targets: the float block's outputs on `float`."""
+
+    quantized: jax.Array
+    float: jax.Array
+    targets: jax.Array
 
 
 # ------------------------------------------------------------------------ methods
@@ -127,10 +141,9 @@ class Method(abc.ABC):
         name: "layers/3/q_proj+k_proj", for messages."""
 
     def train(self, block: Block, params: FlatParams, float_params: FlatParams, linears: tuple[str, ...],
-              inputs: jax.Array, targets: jax.Array) -> FlatParams:
-        """Only for `trains`: the quantized block `params` (this method's `linears` trainable)
-        refined so that it maps inputs [samples, T, D] (sharded over "data") to targets (the
-        float block's outputs)."""
+              inputs: BlockInputs) -> FlatParams:
+        """Only for `trains`: the block `params` as `quantize` left them, with this method's
+        `linears` replaced by trained formats (`float_params`: the block before any hook)."""
         raise NotImplementedError(f"{type(self).__name__} declares no training phase")
 
     @property

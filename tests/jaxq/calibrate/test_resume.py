@@ -89,9 +89,9 @@ def test_killed_calibration_resumes_to_the_same_bits(uninterrupted, tmp_path, mo
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     real, calls = sequential.calibrate_block, []
 
-    def recorded(cal, mesh, block, h, methods, name):
+    def recorded(cal, mesh, block, h, methods, name, *float_path):
         calls.append(name)
-        return real(cal, mesh, block, h, methods, name)
+        return real(cal, mesh, block, h, methods, name, *float_path)
 
     monkeypatch.setattr(sequential, "calibrate_block", recorded)
     assert_same_bits(jaxq.quantize(float_params(), GPTQ3, calibration(tmp_path / "run")), uninterrupted)

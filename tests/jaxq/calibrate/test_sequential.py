@@ -56,11 +56,11 @@ def test_resume_continues_after_an_interruption(rng, tmp_path, monkeypatch):
     real = sequential.calibrate_block
     calls = []
 
-    def failing(cal, mesh, block, h, methods, name):
+    def failing(cal, mesh, block, h, methods, name, *float_path):
         calls.append(name)
         if name == "layers/1" and len(calls) == 2:
             raise KeyboardInterrupt  # the machine goes away during block 1
-        return real(cal, mesh, block, h, methods, name)
+        return real(cal, mesh, block, h, methods, name, *float_path)
 
     monkeypatch.setattr(sequential, "calibrate_block", failing)
     with pytest.raises(KeyboardInterrupt):

@@ -252,9 +252,9 @@ def test_awq_float_propagation_feeds_the_float_block_outputs(rng, monkeypatch):
     inputs = {}
     real = sequential.calibrate_block
 
-    def spy(cal, mesh, block, h, methods, name):
+    def spy(cal, mesh, block, h, methods, name, *float_path):
         inputs[name] = np.asarray(h)
-        return real(cal, mesh, block, h, methods, name)
+        return real(cal, mesh, block, h, methods, name, *float_path)
 
     monkeypatch.setattr(sequential, "calibrate_block", spy)
     quantized = jaxq.quantize(params, AWQ3, cal)

@@ -107,6 +107,7 @@ def test_the_cli_offers_a_registered_method_and_its_options(registered, tiny_lla
 class RecorderConfig:
     method: ClassVar[str] = "recorder"
     sequential: bool = False
+    propagate_float: bool = True
 
 
 class Recorder(protocol.Method):
@@ -133,24 +134,28 @@ class Recorder(protocol.Method):
         Recorder.calls.append(("quantize", name, stats[protocol.Inputs(per_window=4)].shape))
         return [rtn.quantize_weight(w, UniformConfig(bits=4, group_size=32)) for w in kernels]
 
-    def train(self, block, params, float_params, linears, inputs, targets):
-        Recorder.calls.append(("train", block.name, linears, targets.shape))
-        Recorder.targets.append((np.asarray(inputs), np.asarray(targets)))
+    def train(self, block, params, float_params, linears, inputs):
+        Recorder.calls.append(("train", block.name, linears, inputs.targets.shape))
+        Recorder.targets.append((np.asarray(inputs.float), np.asarray(inputs.targets), np.asarray(inputs.quantized)))
         return params
 
     @property
     def propagate(self):
-        return "float"
+        return "float" if self.config.propagate_float else "quantized"
 
 
 Recorder.targets = []
 
 
-@pytest.mark.parametrize("stats_sequential", [False, True])
-def test_hooks_run_in_the_documented_order_and_shared_statistics_once(stats_sequential, monkeypatch, rng):
+@pytest.fixture
+def recorder(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
     registry.register(RecorderConfig, Recorder)
     Recorder.calls.clear(), Recorder.targets.clear()
+
+
+@pytest.mark.parametrize("stats_sequential", [False, True])
+def test_hooks_run_in_the_documented_order_and_shared_statistics_once(stats_sequential, recorder, monkeypatch, rng):
     collected = []
     real_collect = collect.collect
     monkeypatch.setattr(sequential, "collect", lambda *a: (collected.append(a[4]), real_collect(*a))[1])
@@ -174,6 +179,47 @@ def test_hooks_run_in_the_documented_order_and_shared_statistics_once(stats_sequ
     assert quantize_needs[0][2] == (protocol.Hessian(), protocol.Inputs(per_window=4))
     # GPTQ is sequential, so the block is only when the recorder is too; else one collection for all
     assert len(collected) == (5 if stats_sequential else 2)
-    inputs, targets = Recorder.targets[0]
-    float_outputs = jax.jit(jax.vmap(lambda s: block_forward(GQA, params["layers"][0], s[None])[0][0]))(inputs)
+    float_inputs, targets, quantized_inputs = Recorder.targets[0]
+    h0 = np.asarray(embed(GQA, params, jnp.asarray(cal.tokens)).astype(jnp.float32))
+    np.testing.assert_array_equal(float_inputs, h0)
+    np.testing.assert_array_equal(quantized_inputs, h0)  # block 0: both paths start at the embeddings
+    float_outputs = jax.jit(jax.vmap(lambda s: block_forward(GQA, params["layers"][0], s[None])[0][0]))(h0)
     np.testing.assert_allclose(targets, np.asarray(float_outputs), rtol=1e-5, atol=1e-6)
+
+
+def test_trained_phases_get_the_calibration_and_the_float_paths(recorder, rng):
+    params = models.init_params(GQA, seed=0)
+    cal = calibration(GQA, rng)
+    quantized = jaxq.quantize(params, RecorderConfig(propagate_float=False), cal)
+    h0 = embed(GQA, params, jnp.asarray(cal.tokens)).astype(jnp.float32)
+    per_sample = jax.jit(lambda block, x: jax.lax.map(lambda s: block_forward(GQA, block, s[None])[0][0], x))
+    float_inputs, targets, quantized_inputs = Recorder.targets[1]  # block 1
+    np.testing.assert_array_equal(float_inputs, np.asarray(per_sample(params["layers"][0], h0)))
+    np.testing.assert_array_equal(quantized_inputs, np.asarray(per_sample(quantized["layers"][0], h0)))
+    assert np.abs(float_inputs - quantized_inputs).max() > 1e-3
+    np.testing.assert_array_equal(targets, np.asarray(per_sample(params["layers"][1], jnp.asarray(float_inputs))))
+
+
+def test_an_interrupted_trained_run_resumes_with_its_float_path(recorder, rng, tmp_path, monkeypatch):
+    params = models.init_params(GQA, seed=0)
+    cfg = RecorderConfig(propagate_float=False)
+    jaxq.quantize(params, cfg, calibration(GQA, np.random.default_rng(1)))
+    uninterrupted = Recorder.targets[1]
+    Recorder.targets.clear()
+    real = sequential.calibrate_block
+
+    def failing(cal, mesh, block, h, methods, name, *float_path):
+        if name == "layers/1":
+            raise KeyboardInterrupt
+        return real(cal, mesh, block, h, methods, name, *float_path)
+
+    cal = calibration(GQA, np.random.default_rng(1), resume_dir=str(tmp_path))
+    monkeypatch.setattr(sequential, "calibrate_block", failing)
+    with pytest.raises(KeyboardInterrupt):
+        jaxq.quantize(params, cfg, cal)
+    monkeypatch.setattr(sequential, "calibrate_block", real)
+    Recorder.targets.clear()
+    jaxq.quantize(params, cfg, cal)
+    assert len(Recorder.targets) == 1  # block 1 only: block 0 came from the progress directory
+    for resumed, expected in zip(Recorder.targets[0], uninterrupted):
+        np.testing.assert_array_equal(resumed, expected)
