@@ -2,8 +2,9 @@
 
     y = kernels_pallas.matmul(x, w)   # w a jaxq format; what jaxq.ops.qdot calls
 
-The kernel runs where the backend has one and the shape suits its tiling; everywhere else
-(CPU, unsupported shapes) the format's own XLA path does. The mode is read when a function is
+The kernel runs on TPU/GPU for every shape its tiling covers (every linear of the supported
+models) up to KERNEL_MAX_ROWS activation rows; above that (prefill, evaluation), on CPU, and
+for a shape no tiling serves, the format's own XLA path does. The mode is read when a function is
 traced: `JAXQ_KERNELS=xla` (or `use_kernels("xla")`) forces the XLA path; "interpret-tpu" /
 "interpret-gpu" run that backend's kernel in Pallas interpret mode on any machine (tests).
 """
@@ -11,6 +12,7 @@ traced: `JAXQ_KERNELS=xla` (or `use_kernels("xla")`) forces the XLA path; "inter
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -27,6 +29,13 @@ lut_matmul = lut_matmul_module.lut_matmul
 MODE_ENV = "JAXQ_KERNELS"
 MODES = ("auto", "xla", "interpret-tpu", "interpret-gpu")
 KERNELS = {UniformQ: uniform_matmul, CodebookQ: lut_matmul}
+# Above this many rows a kernel family yields to the XLA path (dequantize once + a bf16 dot): the
+# kernel dequantizes each weight once per M tile. Estimates (results/kernel_notes.md, "M
+# crossover"), not measured: GPU, per weight the kernel spends ~4.5 ALU ops per 128-row M tile
+# beside its MMA at an assumed ~40-60% of the bf16 peak, XLA a one-time 4.5 B of traffic and a
+# dot at ~70% of peak: crossover ~400-800 rows. TPU: VPU work overlaps the MXU in the same
+# bundles, so the kernel stays ahead far longer; 2048 bounds the re-dequantization at 8 M tiles.
+KERNEL_MAX_ROWS = {"gpu": 512, "tpu": 2048}
 _override: str | None = None
 
 
@@ -66,10 +75,11 @@ def matmul(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
         return w.matmul(x)
     interpret = mode.startswith("interpret-")
     family = mode.split("-", 1)[1] if interpret else backend_kernel(backend or jax.default_backend())
-    if family is None:
+    if family is None or math.prod(x.shape[:-1]) > KERNEL_MAX_ROWS[family]:
         return w.matmul(x)
     y = kernel(x, w, backend=family, interpret=interpret)
     return w.matmul(x) if y is None else y
 
 
-__all__ = ["KERNELS", "MODES", "MODE_ENV", "kernel_mode", "lut_matmul", "matmul", "uniform_matmul", "use_kernels"]
+__all__ = ["KERNELS", "KERNEL_MAX_ROWS", "MODES", "MODE_ENV", "kernel_mode", "lut_matmul", "matmul", "uniform_matmul",
+           "use_kernels"]

@@ -36,11 +36,17 @@ def uniform_matmul(x: jax.Array, planes, scale, zero, *, bits: int, group_size: 
     return xs @ w
 
 
-def lut_matmul(x: jax.Array, planes, table, *, bits: int, group_size: int, perm=None) -> jax.Array:
-    """x [M, K] @ W, W[k, n] = table[k // group_size, index[k, n], n]."""
+def lut_matmul(x: jax.Array, planes, table, scale=None, zero=None, *, bits: int, group_size: int,
+               perm=None) -> jax.Array:
+    """x [M, K] @ W, W[k, n] = scale[g, n] * (table[t, index[k, n], c] - zero[g, n]), g = k // group_size,
+    t = g or 0 (table [G or 1, 2^b, .]), c = n or 0 (table [., 2^b, N or 1]); scale 1 and zero 0 if None."""
     k = x.shape[1]
     index = unpack_codes(planes, bits, k)
-    rows = groups.expand_rows(table.astype(jnp.float32), group_size, k)  # [K, 2^b, N]
-    w = jnp.take_along_axis(rows, index[:, None, :], axis=1)[:, 0, :]
+    n = index.shape[1]
+    rows = lambda a: groups.expand_rows(jnp.asarray(a).astype(jnp.float32), group_size, k)
+    levels = rows(jnp.broadcast_to(table, (table.shape[0], table.shape[1], n)))  # [K, 2^b, N]
+    w = jnp.take_along_axis(levels, index[:, None, :], axis=1)[:, 0, :]
+    w = w if zero is None else w - rows(zero)
+    w = w if scale is None else w * rows(scale)
     xs = x.astype(jnp.float32) if perm is None else x.astype(jnp.float32)[:, perm]
     return xs @ w

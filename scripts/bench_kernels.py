@@ -7,8 +7,11 @@ Protocol (PROTOCOL.md, MET: device code): weights are jit arguments (never const
 fold), each measurement runs `--calls` calls inside one jit (`lax.fori_loop`, every call fed
 by the previous result so XLA can neither hoist nor overlap them) after a warm-up, and the
 reported time per call is the median of `--repeats` (>= 5) measurements. Default shapes are
-larger than an H100's L2 (50 MB). Each row says which path ran: the Pallas kernel, or the
-format's XLA path where no kernel suits the backend or shape (always on CPU).
+larger than an H100's L2 (50 MB), plus smollm2's gate/up shape. Each row says which path ran:
+the Pallas kernel, or the format's XLA path (always on CPU; above KERNEL_MAX_ROWS; where no
+tiling serves the shape). "(kernel, any M)" rows run the kernel past KERNEL_MAX_ROWS and
+"(xla path)" rows the XLA form XLA_MATMUL_FORMS picks: together they place the M crossover
+and check the fallback table's estimates (results/kernel_notes.md).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import jax.numpy as jnp
 import kernels_pallas
 from jaxq.formats import CodebookQ, UniformQ
 
-ROWS = (1, 16, 64, 256)
-SHAPES = ((4096, 11008), (11008, 4096), (16384, 16384))
+ROWS = (1, 16, 64, 256, 512, 1024, 2048)  # up to the prefill sizes that place KERNEL_MAX_ROWS
+SHAPES = ((576, 1536), (4096, 11008), (11008, 4096), (16384, 16384))
 QUICK_ROWS, QUICK_SHAPES = (1, 16), ((512, 1024),)
-FORMATS = {  # name -> (bits, group size, lookup table?)
+FORMATS = {  # name -> (bits, group size (None: per-channel), lookup table?)
     "w4 g128": (4, 128, False),
+    "w4 per-channel": (4, None, False),
     "w2 g64": (2, 64, False),
     "w3 g128 lut": (3, 128, True),
 }
@@ -40,6 +44,7 @@ FORMATS = {  # name -> (bits, group size, lookup table?)
 def random_format(key: jax.Array, k: int, n: int, bits: int, group: int, lut: bool):
     """Random codes and scales (speed does not depend on values), built on the device."""
     k1, k2, k3 = jax.random.split(key, 3)
+    group = group or k
     groups = -(-k // group)
     codes = jax.random.randint(k1, (k, n), 0, 2 ** bits, dtype=jnp.int32).astype(jnp.uint8)
     scale = jax.random.uniform(k2, (groups, n), jnp.float32, 1e-3, 1e-2).astype(jnp.float16)
@@ -71,11 +76,28 @@ def time_per_call(matmul: Callable, x: jax.Array, weights: tuple, calls: int, re
     return statistics.median(samples)
 
 
+def kernel_family() -> str | None:
+    return kernels_pallas.backend_kernel(jax.default_backend())
+
+
+def kernel_serves(w, x: jax.Array) -> bool:
+    """Whether this machine has a kernel that tiles w for x's rows."""
+    family = kernel_family()
+    return family is not None and kernels_pallas.KERNELS[type(w)](x, w, backend=family) is not None
+
+
 def kernel_ran(w, x: jax.Array) -> bool:
-    family = kernels_pallas.backend_kernel(jax.default_backend())
-    if family is None:
-        return False
-    return kernels_pallas.KERNELS[type(w)](x, w, backend=family) is not None
+    """Whether kernels_pallas.matmul runs the kernel for x (not the XLA path)."""
+    family = kernel_family()
+    return kernel_serves(w, x) and x.shape[0] <= kernels_pallas.KERNEL_MAX_ROWS[family]
+
+
+def kernel_at_any_rows(x: jax.Array, w) -> jax.Array:
+    """The format's kernel regardless of KERNEL_MAX_ROWS (to place the M crossover); on a
+    machine without a kernel family, the XLA path."""
+    family = kernel_family()
+    y = None if family is None else kernels_pallas.KERNELS[type(w)](x, w, backend=family)
+    return w.matmul(x) if y is None else y
 
 
 def paths(k: int, n: int, key: jax.Array) -> dict[str, tuple[Callable, tuple, Callable[[jax.Array], str]]]:
@@ -92,6 +114,8 @@ def paths(k: int, n: int, key: jax.Array) -> dict[str, tuple[Callable, tuple, Ca
         out[f"jaxq {name}"] = (lambda x, w: kernels_pallas.matmul(x, w), (w,),
                                lambda x, w=w: "kernel" if kernel_ran(w, x) else "xla")
         out[f"jaxq {name} (xla path)"] = (lambda x, w: w.matmul(x), (w,), lambda x: "xla")
+        out[f"jaxq {name} (kernel, any M)"] = (kernel_at_any_rows, (w,),
+                                              lambda x, w=w: "kernel" if kernel_serves(w, x) else "xla")
     return out
 
 

@@ -24,11 +24,35 @@ from jax.sharding import PartitionSpec as P
 from jaxq.formats import groups, packing
 from jaxq.formats.base import QuantizedArray, dot_operand_dtype, register_format, static_field
 
-# On accelerators, up to this many activation rows the XLA path contracts each group against the
-# integer codes and applies the scales after the dot (the shape XLA fuses, see KERNELS.md); above
-# it the matmul is compute-bound and dequantize-then-dot is used. On XLA:CPU dequantize-then-dot
-# is faster at every M (scripts/bench_kernels.py --quick: 0.44 ms vs 2.9 ms at M=16).
-GROUPED_MATMUL_MAX_ROWS = 64
+# The XLA path's form per (backend, format, rows): the first matching row wins. Forms:
+#   "int4":       the 4-bit words bitcast to jnp.int4 nibbles (q - 8, after flipping each nibble's
+#                 top bit), one dot contracting (word, nibble), the scale and offset after the dot
+#   "dequantize": the weight dequantized to the compute dtype, then one dot
+# Bytes are per weight; bf16 dot = 2 B. Estimates stay estimates until bench_kernels measures them.
+INT4_MATMUL_MAX_ROWS = 512
+XLA_MATMUL_FORMS: tuple[tuple[str, str, int | None, str, str], ...] = (
+    # (backend, format, max rows, form, reason)
+    ("cpu", "any", None, "dequantize",
+     "measured (bench_kernels --quick, XLA:CPU, M=16): dequantize + dot 0.44 ms vs per-group einsum 2.9 ms"),
+    ("gpu/tpu", "4-bit per-channel", INT4_MATMUL_MAX_ROWS, "int4",
+     "estimate: KERNELS.md measured int4 weights with the scale after the dot at 2.2-2.8x of bf16; "
+     "the bitcast view adds one transpose copy of the int4 codes (0.5 B written + read): "
+     "~1.5 B vs 2 B, ~1.3x"),
+    ("gpu/tpu", "any", None, "dequantize",
+     "estimate: codes read + bf16 weight written and read, 0.5-1 + 2 + 2 B: ~0.4x of bf16 while memory-bound, "
+     "near 1x once compute-bound (large M); the per-group einsum it replaces measured 0.2-0.4x (KERNELS.md); "
+     "group-wise int4 with scales before the dot measured 0.33x"),
+)
+
+
+def xla_matmul_form(backend: str, bits: int, num_groups: int, rows: int) -> str:
+    """The form `XLA_MATMUL_FORMS` picks for a weight on `backend` with `rows` activation rows."""
+    family = "cpu" if backend == "cpu" else "gpu/tpu"
+    kind = "4-bit per-channel" if bits == 4 and num_groups == 1 else "any"
+    for row_backend, row_format, max_rows, form, _ in XLA_MATMUL_FORMS:
+        if row_backend == family and row_format in (kind, "any") and (max_rows is None or rows <= max_rows):
+            return form
+    raise AssertionError(f"XLA_MATMUL_FORMS has no row for {family} {kind}")
 
 
 @register_format
@@ -96,22 +120,23 @@ class UniformQ(QuantizedArray):
         lead = x.shape[:-1]
         x2 = self.permute_input(x.reshape(-1, in_features))
         operand = dot_operand_dtype(x.dtype)
-        if x2.shape[0] <= GROUPED_MATMUL_MAX_ROWS and jax.default_backend() != "cpu":
-            y = self._grouped_matmul(x2.astype(operand))
+        if xla_matmul_form(jax.default_backend(), self.bits, self.num_groups, x2.shape[0]) == "int4":
+            y = self._int4_matmul(x2.astype(operand))
         else:
             w = self.stored_weight(x.dtype).astype(operand)
             y = jnp.dot(x2.astype(operand), w, preferred_element_type=jnp.float32)
         return y.astype(x.dtype).reshape(*lead, out_features)
 
-    def _grouped_matmul(self, x: jax.Array) -> jax.Array:
-        """x [M, in] (stored row order) -> float32 [M, out]: per group, dot with the integer
-        codes, then scale; the offsets enter through the per-group sums of x."""
-        in_features, size = self.shape[0], self.group_size
-        padded = self.num_groups * size
-        codes = packing.unpack(self.codes, self.bits, min(padded, packing.padded_length(in_features)))
-        codes = groups.split_groups(codes, size, axis=0)  # [G, size, out]
-        xg = groups.split_groups(x, size, axis=1)  # [M, G, size]
-        partial = jnp.einsum("mgj,gjn->mgn", xg, codes.astype(x.dtype), preferred_element_type=jnp.float32)
-        scale, offset = self.affine()
-        xsum = xg.astype(jnp.float32).sum(axis=-1)  # [M, groups]
-        return jnp.einsum("mgn,gn->mn", partial, scale) + xsum @ offset
+    def _int4_matmul(self, x: jax.Array) -> jax.Array:
+        """x [M, in] (stored row order) -> float32 [M, out] for 4-bit per-channel codes.
+
+        Word j of a column holds rows 8j .. 8j + 7 as nibbles, low first, so its int4 bitcast
+        [words, out, 8] is indexed (row // 8, column, row % 8); flipping bit 3 of each nibble
+        makes the signed value q - 8. w = scale * q + offset = scale * (q - 8) + (offset + 8 scale)."""
+        m, in_features = x.shape
+        words = self.codes[0]
+        nibbles = jax.lax.bitcast_convert_type(words ^ jnp.uint32(0x88888888), jnp.int4)  # [W, out, 8]
+        xw = jnp.pad(x, ((0, 0), (0, 8 * words.shape[0] - in_features))).reshape(m, words.shape[0], 8)
+        y = jnp.einsum("mwj,wnj->mn", xw, nibbles.astype(x.dtype), preferred_element_type=jnp.float32)
+        scale, offset = self.affine()  # [1, out]
+        return y * scale + x.astype(jnp.float32).sum(axis=1, keepdims=True) * (offset + 8 * scale)

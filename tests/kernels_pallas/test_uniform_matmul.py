@@ -15,14 +15,15 @@ from jaxq.methods import rtn
 from kernels_pallas import reference, uniform_matmul
 
 # (bits, granularity / group, zero point, K, N): every bit width, zero mode and grain; K and N
-# not powers of two where the tiling allows (N = 384, 96, 160; K = 576 on TPU, 1152 on GPU)
+# neither powers of two nor tile multiples, so the last K and N tiles are padded (K = 576, 1100,
+# 1537; N = 200, 96, 160, 72)
 CASES = {
-    "tpu": [(4, 128, "int", 2048, 384), (3, 128, "float", 4096, 256), (2, 64, "none", 2048, 256),
-            (8, 32, "int", 1024, 384), (4, 1024, "float", 8192, 128), (4, "channel", "int", 1536, 256),
-            (4, 64, "int", 576, 384)],
-    "gpu": [(4, 128, "int", 2048, 384), (3, 128, "float", 4096, 96), (2, 64, "none", 2048, 160),
-            (8, 32, "int", 1024, 96), (4, 1024, "float", 4096, 64), (4, "channel", "int", 1536, 96),
-            (4, 32, "int", 1152, 96)],
+    "tpu": [(4, 128, "int", 2048, 384), (3, 128, "float", 4096, 200), (2, 64, "none", 2048, 256),
+            (8, 32, "int", 1100, 384), (4, 1024, "float", 8192, 128), (4, "channel", "int", 1537, 200),
+            (4, 64, "int", 576, 576)],
+    "gpu": [(4, 128, "int", 2048, 384), (3, 128, "float", 1100, 96), (2, 64, "none", 2048, 160),
+            (8, 32, "int", 1100, 72), (4, 1024, "float", 4096, 64), (4, "channel", "int", 1537, 96),
+            (4, 32, "int", 576, 200)],
 }
 ROWS = (1, 3, 17)
 
@@ -75,8 +76,9 @@ def test_prefill_sized_rows(backend, fresh_rng):
     assert np.abs(np.asarray(y) - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_shapes_the_tiling_cannot_serve_are_declined(fresh_rng):
-    w = quantized(fresh_rng, 4, 128, "int", 576, 200)  # N = 200: no 128-lane (TPU) or 32-wide (GPU) tile
+def test_group_sizes_the_tiling_cannot_serve_are_declined(fresh_rng):
+    """A 4-bit word holds 8 rows: groups of 100 rows split words, so neither tiling serves them."""
+    w = quantized(fresh_rng, 4, 100, "int", 576, 200)
     x = jnp.asarray(fresh_rng.normal(size=(2, 576)).astype(np.float32))
     assert uniform_matmul(x, w, backend="tpu", interpret=True) is None
     assert uniform_matmul(x, w, backend="gpu", interpret=True) is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxq.formats import FORMATS, UniformQ
-from jaxq.formats.uniform import GROUPED_MATMUL_MAX_ROWS
+from jaxq.formats.uniform import INT4_MATMUL_MAX_ROWS, XLA_MATMUL_FORMS, xla_matmul_form
 
 
 def reference_weight(codes, scale, zero, zero_point, bits, group_size):
@@ -45,16 +45,36 @@ CASES = [dict(bits=b, zero_point=z) for b in (2, 3, 4, 8) for z in ("int", "floa
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_dequantize_and_both_matmul_paths_match_reference(case, rng):
+def test_dequantize_and_matmul_match_reference(case, rng):
     q, w = random_format(rng, **case)
     # Tolerances: float32 accumulation of ~600 products of magnitude ~1 (relative 1e-6).
     np.testing.assert_allclose(np.asarray(q.dequantize()), w, rtol=1e-6, atol=1e-6)
-    for rows in (1, 3, 17, GROUPED_MATMUL_MAX_ROWS + 1):
+    for rows in (1, 17):
         x = rng.normal(size=(rows, w.shape[0])).astype(np.float32)
         np.testing.assert_allclose(np.asarray(q.matmul(jnp.asarray(x))), x @ w, rtol=1e-4, atol=1e-4)
-        # the accelerators' grouped form (scales after per-group dots), run here directly
-        np.testing.assert_allclose(np.asarray(q._grouped_matmul(q.permute_input(jnp.asarray(x)))), x @ w,
+
+
+@pytest.mark.parametrize("case", [dict(zero_point=z, in_features=k, group_size=k, perm=p)
+                                  for z in ("int", "float", "none") for k, p in ((200, False), (576, True))],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_int4_form_matches_reference(case, rng):
+    """The accelerators' int4 form (run here directly): 4-bit per-channel, K not a word multiple."""
+    q, w = random_format(rng, bits=4, **case)
+    assert q.num_groups == 1
+    for rows in (1, 17):
+        x = rng.normal(size=(rows, w.shape[0])).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(q._int4_matmul(q.permute_input(jnp.asarray(x)))), x @ w,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_the_xla_form_table_covers_every_case_and_gives_reasons():
+    assert all(reason for *_, reason in XLA_MATMUL_FORMS)
+    assert xla_matmul_form("cpu", 4, 1, 1) == "dequantize"
+    for backend in ("gpu", "tpu"):
+        assert xla_matmul_form(backend, 4, 1, INT4_MATMUL_MAX_ROWS) == "int4"
+        assert xla_matmul_form(backend, 4, 1, INT4_MATMUL_MAX_ROWS + 1) == "dequantize"
+        for bits, groups in ((4, 32), (3, 1), (8, 1), (2, 8)):
+            assert xla_matmul_form(backend, bits, groups, 1) == "dequantize"
 
 
 def test_matmul_keeps_leading_dims_and_dtype(rng):
