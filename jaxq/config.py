@@ -301,3 +301,51 @@ def _settings(method: Any) -> dict[str, Any]:
     return {f.name: (_settings(v) if dataclasses.is_dataclass(v) else v)
             for f in dataclasses.fields(method) for v in [getattr(method, f.name)]}
 
+
+@dataclasses.dataclass(frozen=True)
+class BCQConfig:
+    """Binary-coding quantization, data-free (`jaxq.methods.bcq`): w ~ sum_i alpha_i b_i (+ z)
+    per output column (granularity `channel`, the authors' setting) or per `group` of
+    `group_size` input rows (the last group may be shorter), b_i in {-1, +1}.
+
+    algorithm: `greedy` (Guo et al. 2017: b_i = sign(r), alpha_i = mean|r|, r -= alpha_i b_i) or
+      `alternating` (Xu et al. 2018: greedy, then `rounds` rounds of least-squares alpha given the
+      codes and nearest-level codes given alpha; 15 as in UniQuanF's src/alternating.py).
+    offset: also fit an offset z per group (UniQuanF's `use_z`; the reference's default is off):
+      greedy subtracts the group mean first; alternating starts from z = 0 and refits z = mean(w -
+      B alpha) after each round, as the reference does.
+    scale_dtype: dtype alpha and z are stored in.
+    """
+
+    method: ClassVar[str] = "bcq"
+
+    bits: int = setting(4, "bits per weight: 2, 3, 4 or 8")
+    granularity: Literal["group", "channel", "tensor"] = setting("channel", "one set of scales per group of input "
+                                                                 "rows or per output channel (bcq: no tensor)")
+    group_size: int = setting(128, "input rows per scale", requires={"granularity": "group"})
+    algorithm: Literal["greedy", "alternating"] = setting("alternating", "bcq fitting: greedy (Guo et al. 2017) or "
+                                                          "alternating (Xu et al. 2018)")
+    rounds: int = setting(15, "alternating rounds after the greedy start", requires={"algorithm": "alternating"})
+    offset: bool = setting(False, "fit an offset per group (UniQuanF's use_z)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
+                                                                     "are stored in")
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_choices(self)
+        if self.granularity == "tensor":
+            raise ConfigError("bcq fits scales per output column: granularity 'channel' or 'group', not 'tensor'")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"bcq rounds must be a positive integer (no rounds is algorithm='greedy'), "
+                              f"got {self.rounds!r}")
+
+    def rows_per_group(self, in_features: int) -> int:
+        """Input rows sharing one set of scales for a weight with `in_features` inputs."""
+        return self.group_size if self.granularity == "group" else in_features
+
+    def describe(self) -> str:
+        grain = f"g{self.group_size}" if self.granularity == "group" else "per-channel"
+        fit = f"alternating{self.rounds}" if self.algorithm == "alternating" else "greedy"
+        return f"{self.method} w{self.bits} {grain} {fit}" + (" offset" if self.offset else "")

@@ -52,6 +52,10 @@ VARIANTS = {
     "awq w3 g128": A(uniform=W3),
     **{f"awq w{b} g128 fast": A(uniform=u, search_scope="linear", search_positions=128, propagate="quantized")
        for b, u in ((4, W4), (3, W3))},
+    **{f"bcq w{b} {grain} {algorithm}": jaxq.BCQConfig(bits=b, algorithm=algorithm, **settings)
+       for b in (4, 3, 2)
+       for grain, settings in (("per-channel", {}), ("g64", dict(granularity="group", group_size=64)))
+       for algorithm in ("greedy", "alternating")},
 }
 
 
