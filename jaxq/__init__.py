@@ -20,10 +20,10 @@ _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "
 _FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpoint", "size_report": "report"}
 
 from jaxq import formats, methods
-from jaxq.config import AWQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig
+from jaxq.config import AWQConfig, BCQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig
 from jaxq.methods.registry import method_config
 
-__all__ = ["AWQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
+__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
            "method_config", "methods", "quantize", "save", "size_report"]
 
 

@@ -27,7 +27,8 @@ class Option:
     help: str
     requires: tuple[tuple[str, Any], ...]
 
-    def add_to(self, parser: argparse.ArgumentParser | Any) -> None:
+    def add_to(self, parser: argparse.ArgumentParser | Any, defaults: str) -> None:
+        """defaults: how the help states the default(s), e.g. " (default 4)"."""
         origin, args = typing.get_origin(self.kind), typing.get_args(self.kind)
         if self.kind is bool:
             action = "store_false" if self.default else "store_true"
@@ -37,24 +38,26 @@ class Option:
             kwargs = {"choices": args, "type": type(args[0])}
         else:
             kwargs = {"type": next(a for a in args if a is not type(None)) if args else self.kind}
-        default = "" if self.default is None else f" (default {self.default})"
-        parser.add_argument(*self.flags, dest=self.dest, default=None, help=self.help + default, **kwargs)
+        parser.add_argument(*self.flags, dest=self.dest, default=None, help=self.help + defaults, **kwargs)
 
 
-def config_options(cls: type) -> list[Option]:
-    """The command-line options of a method config class, nested configs' included, in field order."""
+def config_options(cls: type, defaults: Any = None) -> list[Option]:
+    """The command-line options of a method config class, nested configs' included, in field
+    order; defaults: the values of `defaults` (a nested config's default instance), else the
+    class's."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default):
-            out += config_options(type(f.default))
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            out += config_options(type(default), default)
             continue
         meta = f.metadata
         if not meta.get("cli", False):
             continue
         name = f.name.replace("_", "-")
-        flag = f"--no-{name}" if hints[f.name] is bool and f.default else f"--{name}"
-        out.append(Option(f.name, (flag, *meta["flags"]), hints[f.name], f.default, meta["help"],
+        flag = f"--no-{name}" if hints[f.name] is bool and default else f"--{name}"
+        out.append(Option(f.name, (flag, *meta["flags"]), hints[f.name], default, meta["help"],
                           tuple(meta["requires"].items())))
     return out
 
@@ -77,11 +80,18 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     unless it is for all."""
     parser.add_argument("--method", default="rtn", choices=registry.names(), help="quantization method")
     group = parser.add_argument_group("method options (from the method configs' fields)")
-    owners = {name: {o.dest for o in config_options(registry.registration(name).config)} for name in registry.names()}
+    owners = {name: {o.dest: o for o in config_options(registry.registration(name).config)}
+              for name in registry.names()}
     for option in all_options().values():
-        users = [name for name, dests in owners.items() if option.dest in dests]
+        users = [name for name, options in owners.items() if option.dest in options]
         prefix = "" if len(users) == len(owners) else f"[{', '.join(users)}] "
-        dataclasses.replace(option, help=prefix + option.help).add_to(group)
+        by_default: dict[Any, list[str]] = {}
+        for name in users:
+            by_default.setdefault(owners[name][option.dest].default, []).append(name)
+        stated = [f"{', '.join(names)}: {value}" for value, names in by_default.items() if value is not None]
+        defaults = (f" (default {next(iter(by_default))})" if len(by_default) == 1 and None not in by_default
+                    else f" (defaults: {'; '.join(stated)})" if len(stated) > 1 else "")
+        dataclasses.replace(option, help=prefix + option.help).add_to(group, defaults)
 
 
 def given(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,15 +122,17 @@ def _describe(option: Option, value: Any) -> str:
 
 
 def build_config(method: str, args: argparse.Namespace) -> Any:
-    """The config of `method` with the options given; every other field keeps its default."""
-    return _build(registry.registration(method).config, given(args))
+    """The config of `method` with the options given; every other field keeps its default (a
+    nested config's fields: those of the nested default instance)."""
+    return _build(registry.registration(method).config(), given(args))
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default):
-            kwargs[f.name] = _build(type(f.default), values)
+def _build(default: Any, values: dict[str, Any]) -> Any:
+    changes = {}
+    for f in dataclasses.fields(default):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _build(value, values)
         elif f.name in values and f.metadata.get("cli", False):
-            kwargs[f.name] = values[f.name]
-    return cls(**kwargs)
+            changes[f.name] = values[f.name]
+    return dataclasses.replace(default, **changes)

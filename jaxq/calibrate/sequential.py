@@ -98,7 +98,8 @@ def _runners(config: LlamaConfig) -> tuple:
 def block_view(cal: Calibration, block_name: str) -> protocol.Block:
     """Decoder block `block_name` ("layers/3") as methods see it."""
     samples, length = np.asarray(cal.tokens).shape
-    return protocol.Block(block_name, cal.config, BLOCK_LINEAR_GROUPS, *_runners(cal.config), samples, length)
+    return protocol.Block(block_name, cal.config, BLOCK_LINEAR_GROUPS, *_runners(cal.config), samples, length,
+                          cal.progress)
 
 
 def _distinct(methods: dict[str, protocol.Method], linears: tuple[str, ...]) -> list[protocol.Method]:

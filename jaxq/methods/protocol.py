@@ -78,6 +78,7 @@ class Block:
       "mlp/down_proj", ...) of a block with flat `params` on x [1, T, D-or-K] -> [1, T, D-or-N];
       traceable.
     run_block(params, x): the whole block on x [B, T, D] -> [B, T, D]; traceable.
+    progress: whether hooks may show progress bars.
     """
 
     name: str
@@ -87,6 +88,7 @@ class Block:
     run_block: Callable[[FlatParams, jax.Array], jax.Array]
     samples: int
     length: int
+    progress: bool = False
 
     @property
     def tokens(self) -> int:
