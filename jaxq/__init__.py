@@ -20,11 +20,13 @@ _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "
 _FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpoint", "size_report": "report"}
 
 from jaxq import formats, methods
-from jaxq.config import AWQConfig, BCQConfig, ConfigError, GPTQConfig, QuantConfig, Rule, UniformConfig
+from jaxq.config import (AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig, QuantConfig,
+                         ReconstructionConfig, Rule, UniformConfig)
 from jaxq.methods.registry import method_config
 
-__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "GPTQConfig", "QuantConfig", "Rule", "UniformConfig", "formats", "load",
-           "method_config", "methods", "quantize", "save", "size_report"]
+__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig", "QuantConfig",
+           "ReconstructionConfig", "Rule", "UniformConfig", "formats", "load", "method_config", "methods", "quantize",
+           "save", "size_report"]
 
 
 def __getattr__(name: str) -> Any:

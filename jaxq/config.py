@@ -240,6 +240,95 @@ class AWQConfig:
         return " ".join(["awq", self.uniform.describe().split(" ", 1)[1], *flags])
 
 
+@dataclasses.dataclass(frozen=True)
+class ReconstructionConfig:
+    """How each block is trained (nested in the trained methods' configs as `training`).
+
+    Quick recipe (the default; smollm2-135m on a 2-core CPU): the 32 quick calibration windows x
+    4 epochs = 128 steps per block. The authors' recipe for GPUs: 128 windows x 2048 tokens of
+    calibration, epochs=20 (2560 steps per block)."""
+
+    epochs: int = setting(4, "passes over the calibration windows per block (authors: 20)")
+    batch: int = setting(1, "calibration windows per training step (authors: 1)")
+    input_mix: float = setting(0.5, "probability that an input element comes from the quantized path, "
+                                    "else the float path (QDrop; authors: 0.5)")
+    seed: int = setting(0, "seed of the training order and the input mixing")
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch < 1 or not 0.0 <= self.input_mix <= 1.0:
+            raise ConfigError("training needs epochs >= 0, batch >= 1 and 0 <= input_mix <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexRoundConfig:
+    """uniform: the grid (bits, per channel or group) and its initial range (`calibration`);
+    zero_point must be "float" (z is a float, as in the reference). training: the block-wise
+    reconstruction recipe (quick by default)."""
+
+    method: ClassVar[str] = "flexround"
+
+    uniform: UniformConfig = UniformConfig(granularity="channel", zero_point="float")
+    training: ReconstructionConfig = ReconstructionConfig()
+    learning_rate: float = setting(5e-3, "Adam learning rate of the rounding parameters (authors' u_lr: 5e-3)")
+
+    def __post_init__(self):
+        u = self.uniform
+        if u.symmetric or u.zero_point != "float" or u.granularity == "tensor":
+            raise ConfigError("flexround learns a float zero per group or channel: it needs symmetric=False, "
+                              "zero_point='float' and granularity 'group' or 'channel'")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"flexround learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BCQConfig:
+    """Binary-coding quantization, data-free (`jaxq.methods.bcq`): w ~ sum_i alpha_i b_i (+ z)
+    per output column (granularity `channel`, the authors' setting) or per `group` of
+    `group_size` input rows (the last group may be shorter), b_i in {-1, +1}.
+
+    algorithm: `greedy` (Guo et al. 2017: b_i = sign(r), alpha_i = mean|r|, r -= alpha_i b_i) or
+      `alternating` (Xu et al. 2018: greedy, then `rounds` rounds of least-squares alpha given the
+      codes and nearest-level codes given alpha; 15 as in UniQuanF's src/alternating.py).
+    offset: also fit an offset z per group (UniQuanF's `use_z`; the reference's default is off):
+      greedy subtracts the group mean first; alternating starts from z = 0 and refits z = mean(w -
+      B alpha) after each round, as the reference does.
+    scale_dtype: dtype alpha and z are stored in.
+    """
+
+    method: ClassVar[str] = "bcq"
+
+    bits: int = setting(4, "bits per weight: 2, 3, 4 or 8")
+    granularity: Literal["group", "channel", "tensor"] = setting("channel", "one set of scales per group of input "
+                                                                 "rows or per output channel (bcq: no tensor)")
+    group_size: int = setting(128, "input rows per scale", requires={"granularity": "group"})
+    algorithm: Literal["greedy", "alternating"] = setting("alternating", "bcq fitting: greedy (Guo et al. 2017) or "
+                                                          "alternating (Xu et al. 2018)")
+    rounds: int = setting(15, "alternating rounds after the greedy start", requires={"algorithm": "alternating"})
+    offset: bool = setting(False, "fit an offset per group (UniQuanF's use_z)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
+                                                                     "are stored in")
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_choices(self)
+        if self.granularity == "tensor":
+            raise ConfigError("bcq fits scales per output column: granularity 'channel' or 'group', not 'tensor'")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"bcq rounds must be a positive integer (no rounds is algorithm='greedy'), "
+                              f"got {self.rounds!r}")
+
+    def rows_per_group(self, in_features: int) -> int:
+        """Input rows sharing one set of scales for a weight with `in_features` inputs."""
+        return self.group_size if self.granularity == "group" else in_features
+
+    def describe(self) -> str:
+        grain = f"g{self.group_size}" if self.granularity == "group" else "per-channel"
+        fit = f"alternating{self.rounds}" if self.algorithm == "alternating" else "greedy"
+        return f"{self.method} w{self.bits} {grain} {fit}" + (" offset" if self.offset else "")
+
+
 def is_method_config(value: Any) -> bool:
     """A method config: a dataclass instance whose class names its method (`method` ClassVar)."""
     return dataclasses.is_dataclass(value) and not isinstance(value, type) and \
@@ -300,52 +389,3 @@ def _settings(method: Any) -> dict[str, Any]:
     """Fields of a method config, nested configs as dicts."""
     return {f.name: (_settings(v) if dataclasses.is_dataclass(v) else v)
             for f in dataclasses.fields(method) for v in [getattr(method, f.name)]}
-
-
-@dataclasses.dataclass(frozen=True)
-class BCQConfig:
-    """Binary-coding quantization, data-free (`jaxq.methods.bcq`): w ~ sum_i alpha_i b_i (+ z)
-    per output column (granularity `channel`, the authors' setting) or per `group` of
-    `group_size` input rows (the last group may be shorter), b_i in {-1, +1}.
-
-    algorithm: `greedy` (Guo et al. 2017: b_i = sign(r), alpha_i = mean|r|, r -= alpha_i b_i) or
-      `alternating` (Xu et al. 2018: greedy, then `rounds` rounds of least-squares alpha given the
-      codes and nearest-level codes given alpha; 15 as in UniQuanF's src/alternating.py).
-    offset: also fit an offset z per group (UniQuanF's `use_z`; the reference's default is off):
-      greedy subtracts the group mean first; alternating starts from z = 0 and refits z = mean(w -
-      B alpha) after each round, as the reference does.
-    scale_dtype: dtype alpha and z are stored in.
-    """
-
-    method: ClassVar[str] = "bcq"
-
-    bits: int = setting(4, "bits per weight: 2, 3, 4 or 8")
-    granularity: Literal["group", "channel", "tensor"] = setting("channel", "one set of scales per group of input "
-                                                                 "rows or per output channel (bcq: no tensor)")
-    group_size: int = setting(128, "input rows per scale", requires={"granularity": "group"})
-    algorithm: Literal["greedy", "alternating"] = setting("alternating", "bcq fitting: greedy (Guo et al. 2017) or "
-                                                          "alternating (Xu et al. 2018)")
-    rounds: int = setting(15, "alternating rounds after the greedy start", requires={"algorithm": "alternating"})
-    offset: bool = setting(False, "fit an offset per group (UniQuanF's use_z)")
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
-                                                                     "are stored in")
-
-    def __post_init__(self):
-        _check_choice("bits", self.bits, SUPPORTED_BITS)
-        check_choices(self)
-        if self.granularity == "tensor":
-            raise ConfigError("bcq fits scales per output column: granularity 'channel' or 'group', not 'tensor'")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ConfigError(f"bcq rounds must be a positive integer (no rounds is algorithm='greedy'), "
-                              f"got {self.rounds!r}")
-
-    def rows_per_group(self, in_features: int) -> int:
-        """Input rows sharing one set of scales for a weight with `in_features` inputs."""
-        return self.group_size if self.granularity == "group" else in_features
-
-    def describe(self) -> str:
-        grain = f"g{self.group_size}" if self.granularity == "group" else "per-channel"
-        fit = f"alternating{self.rounds}" if self.algorithm == "alternating" else "greedy"
-        return f"{self.method} w{self.bits} {grain} {fit}" + (" offset" if self.offset else "")

@@ -24,32 +24,11 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxq.config import ConfigError, UniformConfig, setting
+from jaxq.config import FlexRoundConfig, UniformConfig
 from jaxq.formats import groups
 from jaxq.formats.uniform import UniformQ
 from jaxq.methods import protocol, registry, rtn
-from jaxq.methods.reconstruction import ReconstructionConfig, train_block
-
-
-@dataclasses.dataclass(frozen=True)
-class FlexRoundConfig:
-    """uniform: the grid (bits, per channel or group) and its initial range (`calibration`);
-    zero_point must be "float" (z is a float, as in the reference). training: the block-wise
-    reconstruction recipe (quick by default)."""
-
-    method: ClassVar[str] = "flexround"
-
-    uniform: UniformConfig = UniformConfig(granularity="channel", zero_point="float")
-    training: ReconstructionConfig = ReconstructionConfig()
-    learning_rate: float = setting(5e-3, "Adam learning rate of the rounding parameters (authors' u_lr: 5e-3)")
-
-    def __post_init__(self):
-        u = self.uniform
-        if u.symmetric or u.zero_point != "float" or u.granularity == "tensor":
-            raise ConfigError("flexround learns a float zero per group or channel: it needs symmetric=False, "
-                              "zero_point='float' and granularity 'group' or 'channel'")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"flexround learning_rate must be positive, got {self.learning_rate}")
+from jaxq.methods.reconstruction import train_block
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,6 @@ the reference is single-GPU too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import zlib
 from collections.abc import Mapping
@@ -34,30 +33,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxq.config import ConfigError, setting
+from jaxq.config import ReconstructionConfig
 from jaxq.formats.base import QuantizedArray
 from jaxq.methods import protocol
 
 log = logging.getLogger("jaxq")
-
-
-@dataclasses.dataclass(frozen=True)
-class ReconstructionConfig:
-    """How each block is trained (nested in the trained methods' configs as `training`).
-
-    Quick recipe (the default; smollm2-135m on a 2-core CPU): the 32 quick calibration windows x
-    4 epochs = 128 steps per block. The authors' recipe for GPUs: 128 windows x 2048 tokens of
-    calibration, epochs=20 (2560 steps per block)."""
-
-    epochs: int = setting(4, "passes over the calibration windows per block (authors: 20)")
-    batch: int = setting(1, "calibration windows per training step (authors: 1)")
-    input_mix: float = setting(0.5, "probability that an input element comes from the quantized path, "
-                                    "else the float path (QDrop; authors: 0.5)")
-    seed: int = setting(0, "seed of the training order and the input mixing")
-
-    def __post_init__(self):
-        if self.epochs < 0 or self.batch < 1 or not 0.0 <= self.input_mix <= 1.0:
-            raise ConfigError("training needs epochs >= 0, batch >= 1 and 0 <= input_mix <= 1")
 
 
 class Quantizer(Protocol):

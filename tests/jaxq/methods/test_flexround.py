@@ -13,8 +13,9 @@ import models
 from jaxq.calibrate import sequential
 from jaxq.config import ConfigError, UniformConfig
 from jaxq.methods import protocol
-from jaxq.methods.flexround import FlexRoundConfig, FlexRoundQuantizer
-from jaxq.methods.reconstruction import ReconstructionConfig, train_block
+from jaxq.config import FlexRoundConfig, ReconstructionConfig
+from jaxq.methods.flexround import FlexRoundQuantizer
+from jaxq.methods.reconstruction import train_block
 from models.language_model import embed
 from tests.jaxq.calibrate.test_sequential import GQA, calibration
 
