@@ -281,6 +281,56 @@ class FlexRoundConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UniQuanFConfig:
+    """UniQuanF (Park et al., ACL 2025; `jaxq.methods.uniquanf`): FlexRound's learned rounding onto
+    trained BCQ levels, stored as plain BCQ. Defaults: the authors' `scripts/run.sh` except bits.
+
+    granularity: per output `channel` (the authors' setting) or per `group` of `group_size` input
+      rows (the last group may be shorter); not per tensor.
+    rounds: ALTERNATING rounds after the greedy start in the unified initialization (T).
+    period: codes are re-picked every `period` training steps (p); 1 = direct mapping every step.
+    sorted_local: the local mapping moves +-1 in the order of the levels' values instead of the
+      authors' sign-pattern (code) order (the two agree while alpha is super-increasing).
+    uq_learning_rate, bcq_learning_rate: Adam learning rates of delta1, Delta2, delta3 (u_lr) and
+      of alpha (b_lr). scale_dtype: dtype the exported alpha and offsets are stored in.
+    training: the block-wise reconstruction recipe (quick by default)."""
+
+    method: ClassVar[str] = "uniquanf"
+
+    bits: int = setting(4, "bits per weight: 2, 3 or 4")
+    granularity: Literal["group", "channel", "tensor"] = setting("channel", "one set of scales per group of input "
+                                                                 "rows or per output channel (uniquanf: no tensor)")
+    group_size: int = setting(128, "input rows per scale", requires={"granularity": "group"})
+    rounds: int = setting(15, "ALTERNATING rounds of the unified initialization (authors' T: 15)")
+    period: int = setting(2, "re-pick the codes every this many training steps (authors' p: 2)")
+    sorted_local: bool = setting(False, "local mapping moves one level in value order, not in sign-pattern order")
+    uq_learning_rate: float = setting(5e-3, "Adam learning rate of the uniform part delta1, Delta2, delta3 "
+                                            "(authors' u_lr: 5e-3)")
+    bcq_learning_rate: float = setting(5e-4, "Adam learning rate of the BCQ scales alpha (authors' b_lr: 5e-4)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
+                                                                     "are stored in")
+    training: ReconstructionConfig = ReconstructionConfig()
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, (2, 3, 4))
+        check_choices(self)
+        if self.granularity == "tensor":
+            raise ConfigError("uniquanf fits scales per output column: granularity 'channel' or 'group', not 'tensor'")
+        for name in ("group_size", "period"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"uniquanf {name} must be a positive integer, got {value!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ConfigError(f"uniquanf rounds must be a non-negative integer, got {self.rounds!r}")
+        if self.uq_learning_rate <= 0 or self.bcq_learning_rate <= 0:
+            raise ConfigError("uniquanf learning rates must be positive")
+
+    def rows_per_group(self, in_features: int) -> int:
+        """Input rows sharing one set of scales for a weight with `in_features` inputs."""
+        return self.group_size if self.granularity == "group" else in_features
+
+
+@dataclasses.dataclass(frozen=True)
 class BCQConfig:
     """Binary-coding quantization, data-free (`jaxq.methods.bcq`): w ~ sum_i alpha_i b_i (+ z)
     per output column (granularity `channel`, the authors' setting) or per `group` of
