@@ -60,6 +60,8 @@ VARIANTS = {
        for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
     **{f"flexround w{b} {grain}": jaxq.FlexRoundConfig(uniform=U(bits=b, zero_point="float", **settings))
        for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
+    **{f"uniquanf w{b} {grain}": jaxq.UniQuanFConfig(bits=b, **settings)
+       for b in (4, 3, 2) for grain, settings in (("per-channel", {}), ("g64", dict(granularity="group", group_size=64)))},
 }
 
 
