@@ -58,6 +58,10 @@ VARIANTS = {
        for algorithm in ("greedy", "alternating")},
     **{f"rtn w{b} {grain} float-offset minmax": U(bits=b, zero_point="float", **settings)
        for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
+    **{f"gptq w{b} {grain} act-order": G(uniform=U(bits=b, **settings), act_order=True)
+       for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
+    **{f"awq w{b} {grain}": A(uniform=U(bits=b, **settings))
+       for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
     **{f"flexround w{b} {grain}": jaxq.FlexRoundConfig(uniform=U(bits=b, zero_point="float", **settings))
        for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
     **{f"uniquanf w{b} {grain}": jaxq.UniQuanFConfig(bits=b, **settings)
