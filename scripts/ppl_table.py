@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import jax
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # trained methods' per-block losses, to stderr
     lm = models.load(args.model)
     calib = calibrate.from_text(lm, samples=args.calib_samples, length=args.calib_len, progress=False)
     for name, cfg in VARIANTS.items():
