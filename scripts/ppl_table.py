@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=512)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # trained methods' per-block losses, to stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)  # absl has a root handler: replace it
     lm = models.load(args.model)
     calib = calibrate.from_text(lm, samples=args.calib_samples, length=args.calib_len, progress=False)
     for name, cfg in VARIANTS.items():
