@@ -19,10 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxq.calibrate import stats
 from jaxq.methods.protocol import AbsMean, Hessian, Inputs, Statistic
+from jaxq.sharding import DATA_AXIS
 from models.config import LlamaConfig
 from models.language_model import block_forward
-
-DATA_AXIS = "data"
 
 # What to collect: (group name, the linear whose input it is, statistics of that input).
 Needs = tuple[tuple[str, str, tuple[Statistic, ...]], ...]

@@ -16,8 +16,14 @@ as the UniQuanF reference does (`src/uniquanf.py`, REFERENCES.md §3.4):
     counter beside the optax state; everything random is keyed by `seed` and the block, so a
     run (and a resumed run) is deterministic.
 The reconstruction loss on the calibration-path inputs is logged before and after training.
-Deviation: training runs on the first local device (the calibration windows gathered there);
-the reference is single-GPU too.
+
+Devices: training runs on the mesh the driver sharded the calibration windows over (axis
+"data"); the block's weights and the quantizers' parameters are replicated. When `batch` is a
+multiple of the data axis each step's windows are split over it (data parallel: XLA sums the
+gradients across devices, so N devices agree with one to float32 rounding, not bit for bit);
+otherwise every device computes the whole step (the reference's batch 1 leaves nothing to
+split). The before/after losses are evaluated one window per device at a time. The reference
+is single-GPU.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxq.config import ReconstructionConfig
 from jaxq.formats.base import QuantizedArray
 from jaxq.methods import protocol
+from jaxq.sharding import DATA_AXIS
 
 log = logging.getLogger("jaxq")
 
@@ -61,18 +69,34 @@ def _block_key(seed: int, block_name: str) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(block_name.encode()))
 
 
+def _mesh_of(x: jax.Array) -> Mesh:
+    """The mesh the driver laid the calibration windows out on (a 1-device mesh for an array on
+    one device); its first axis is the samples'."""
+    if isinstance(x.sharding, NamedSharding):
+        return x.sharding.mesh
+    return Mesh(np.array(list(x.devices())), (DATA_AXIS,))
+
+
 def train_block(block: protocol.Block, float_params: protocol.FlatParams, quantizers: Mapping[str, Quantizer],
                 inputs: protocol.BlockInputs, cfg: ReconstructionConfig, learning_rates: Mapping[str, float],
                 progress: bool = True) -> tuple[dict[str, QuantizedArray], dict[str, float]]:
     """Train the quantizers of `quantizers`' linears in this block -> ({linear: format},
     {"initial": loss, "trained": loss}) with the losses on the calibration-path inputs."""
-    device = jax.local_devices()[0]
-    put = lambda x: jax.device_put(x, device)
+    mesh = _mesh_of(inputs.quantized)
+    axis = mesh.axis_names[0]
+    devices = mesh.shape[axis]
+    replicated = NamedSharding(mesh, P())
+    windows = NamedSharding(mesh, P(axis))
+    step_windows = windows if cfg.batch % devices == 0 else replicated
+    put = lambda x: jax.device_put(x, replicated)
     frozen = {k: put(v.astype(jnp.float32)) if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
               else put(v) for k, v in float_params.items()}
     ws = {l: frozen[f"{l}/kernel"] for l in quantizers}
-    x_q, x_fp, y = (put(a.astype(jnp.float32)) for a in (inputs.quantized, inputs.float, inputs.targets))
+    x_q, x_fp, y = (jax.device_put(a.astype(jnp.float32), windows)
+                    for a in (inputs.quantized, inputs.float, inputs.targets))
     samples = x_q.shape[0]
+    if samples % devices:
+        raise ValueError(f"{block.name}: {samples} calibration windows do not split over {devices} devices")
     steps = samples * cfg.epochs // cfg.batch
     initial = {l: q.init(ws[l]) for l, q in quantizers.items()}
     trainable = {l: p for l, (p, _) in initial.items()}
@@ -93,17 +117,23 @@ def train_block(block: protocol.Block, float_params: protocol.FlatParams, quanti
 
     @jax.jit
     def train_step(trainable, opt_state, state, step, picked, key):
-        mix = jax.random.uniform(key, x_q[picked].shape) < cfg.input_mix
-        x = jnp.where(mix, x_q[picked], x_fp[picked])
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, x, y[picked], step)
+        on_devices = lambda a: jax.lax.with_sharding_constraint(a, step_windows)
+        mix = jax.random.uniform(key, (len(picked), *x_q.shape[1:])) < cfg.input_mix
+        x = on_devices(jnp.where(mix, x_q[picked], x_fp[picked]))
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, x,
+                                                                             on_devices(y[picked]), step)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, new_state, loss
 
     @jax.jit
-    def evaluate(trainable, state, step):  # the reconstruction loss on the calibration path, one window at a time
-        errors = jax.lax.map(lambda i: loss_fn(trainable, state, x_q[i][None], y[i][None], step)[0],
-                             jnp.arange(samples))
-        return errors.mean()
+    def evaluate(trainable, state, step):  # the loss on the calibration path, one window per device at a time
+        def rounds(a):  # [samples, ...] -> [samples / devices, devices, ...], round r holding window r of each device
+            return jnp.moveaxis(a.reshape(devices, samples // devices, *a.shape[1:]), 1, 0)
+
+        def loss(xy):
+            x, target = (jax.lax.with_sharding_constraint(a, windows) for a in xy)
+            return loss_fn(trainable, state, x, target, step)[0]
+        return jax.lax.map(loss, (rounds(x_q), rounds(y))).mean()
 
     losses = {"initial": float(evaluate(trainable, state, jnp.int32(0)))}
     opt_state = tx.init(trainable)
