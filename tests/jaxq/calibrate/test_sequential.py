@@ -48,10 +48,16 @@ def test_gptq_through_the_driver_beats_rtn_on_the_model_output(rng):
     assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
 
 
-def test_resume_continues_after_an_interruption(rng, tmp_path, monkeypatch):
+UNIQUANF3 = jaxq.UniQuanFConfig(bits=3, training=jaxq.ReconstructionConfig(epochs=1))
+
+
+@pytest.mark.parametrize("method", [GPTQ3, UNIQUANF3], ids=["gptq", "uniquanf"])
+def test_resume_continues_after_an_interruption(method, rng, tmp_path, monkeypatch):
+    """A trained method resumes with both activation streams (calibration and float path) of
+    the last saved block, so block 1 trains on exactly what it trained on uninterrupted."""
     params = models.init_params(GQA, seed=0)
     cal = calibration(GQA, rng, resume_dir=str(tmp_path / "progress"))
-    uninterrupted = jaxq.quantize(params, GPTQ3, calibration(GQA, np.random.default_rng(0)))
+    uninterrupted = jaxq.quantize(params, method, calibration(GQA, np.random.default_rng(0)))
 
     real = sequential.calibrate_block
     calls = []
@@ -64,8 +70,8 @@ def test_resume_continues_after_an_interruption(rng, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sequential, "calibrate_block", failing)
     with pytest.raises(KeyboardInterrupt):
-        jaxq.quantize(params, GPTQ3, cal)
-    resumed = jaxq.quantize(params, GPTQ3, cal)
+        jaxq.quantize(params, method, cal)
+    resumed = jaxq.quantize(params, method, cal)
     assert calls == ["layers/0", "layers/1", "layers/1"]  # block 0 was not redone
     for a, b in zip(jax.tree_util.tree_leaves(uninterrupted), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
