@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxq import data, method_options
 from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule
@@ -232,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (one line on stderr naming the problem), 1 an internal error
     (its traceback with --debug)."""
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("jaxq")  # what methods report (trained blocks' losses), printed above the progress bars
+    log.setLevel(logging.INFO)
     try:
-        return args.run(args)
+        with logging_redirect_tqdm(loggers=[log]):
+            return args.run(args)
     except user_errors() as err:
         print(f"jaxq {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 mapping schedule, the unification export, training, `jaxq.quantize` and `jaxq quantize`."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +229,9 @@ def test_cli_quantizes_with_uniquanf_into_a_bcq_checkpoint(tiny_llama_with_token
     code = cli.main(["quantize", "--model", directory, "--method", "uniquanf", "--bits", "3", "--epochs", "1",
                      "--calib-data", str(text), "--calib-samples", "4", "--calib-len", "16", "--calib-step", "4",
                      "--out", str(tmp_path / "q"), "--quiet"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert re.findall(r"(layers/\d): reconstruction loss \S+ at init, \S+ after 4 steps", err) == ["layers/0", "layers/1"]
     ck = checkpoint.load(tmp_path / "q")
     assert ck.quant_config.rules[-1].method == UniQuanFConfig(bits=3, training=ReconstructionConfig(epochs=1))
     leaves = [leaf for path, leaf in jaxq.tree.flatten(ck.params)[0] if path.endswith("_proj/kernel")]
