@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from jaxq.config import ReconstructionConfig
 from jaxq.formats.base import QuantizedArray
 from jaxq.methods import protocol
-from jaxq.sharding import DATA_AXIS
 
 log = logging.getLogger("jaxq")
 
@@ -70,11 +69,11 @@ def _block_key(seed: int, block_name: str) -> jax.Array:
 
 
 def _mesh_of(x: jax.Array) -> Mesh:
-    """The mesh the driver laid the calibration windows out on (a 1-device mesh for an array on
-    one device); its first axis is the samples'."""
+    """The mesh the driver laid the calibration windows out on (its first axis is the samples'),
+    or a 1-device mesh for an array on one device."""
     if isinstance(x.sharding, NamedSharding):
         return x.sharding.mesh
-    return Mesh(np.array(list(x.devices())), (DATA_AXIS,))
+    return Mesh(np.array(list(x.devices())), ("samples",))
 
 
 def train_block(block: protocol.Block, float_params: protocol.FlatParams, quantizers: Mapping[str, Quantizer],
