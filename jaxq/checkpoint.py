@@ -237,15 +237,23 @@ def _check_versions(directory: Any, metadata: dict[str, Any]) -> None:
             f"{version}; this jaxq {jaxq.__version__} reads format {CHECKPOINT_VERSION}. Use a matching "
             "jaxq version, or re-quantize the model (writing to the same directory replaces it)")
     for path, record in metadata["leaves"].items():
-        name = record["format"]
-        if name == FLOAT:
-            continue
-        if name not in FORMATS:
-            raise CheckpointError(f"{directory}: {path} uses format {name!r}, unknown to jaxq {jaxq.__version__}")
-        if record["version"] != FORMATS[name].format_version:
-            raise CheckpointError(
-                f"{directory}: {path} is format {name!r} version {record['version']}; this jaxq reads "
-                f"version {FORMATS[name].format_version}")
+        if record["format"] != FLOAT:
+            _check_format_record(directory, path, record)
+
+
+def _check_format_record(directory: Any, path: str, record: dict[str, Any]) -> None:
+    """The format of a leaf record, and of any format record nested in its static fields (the
+    inner format of a `Rotated`), is known in the version stored."""
+    name = record["format"]
+    if name not in FORMATS:
+        raise CheckpointError(f"{directory}: {path} uses format {name!r}, unknown to jaxq {jaxq.__version__}")
+    if record["version"] != FORMATS[name].format_version:
+        raise CheckpointError(
+            f"{directory}: {path} is format {name!r} version {record['version']}; this jaxq reads "
+            f"version {FORMATS[name].format_version}")
+    for value in record["static"].values():
+        if isinstance(value, dict) and {"format", "version", "static"} <= value.keys():
+            _check_format_record(directory, f"{path} ({name}'s inner format)", value)
 
 
 def read_model_metadata(directory: str | os.PathLike) -> dict[str, Any]:

@@ -23,7 +23,55 @@ def static_field(**kwargs: Any) -> Any:
     return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
-class QuantizedArray(abc.ABC):
+class Stored:
+    """A frozen dataclass of arrays (pytree children; None for an absent optional array, a tuple
+    for several) and `static_field()` metadata, stored as flat named arrays plus JSON metadata:
+    formats, and the transforms some formats carry (`jaxq.formats.rotation`)."""
+
+    @classmethod
+    def array_field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("static"))
+
+    @classmethod
+    def static_field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static"))
+
+    def arrays(self) -> dict[str, Any]:
+        """Flat {name: array} of the stored arrays (tuples become name_0, name_1, ...)."""
+        out = {}
+        for name in self.array_field_names():
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                out.update({f"{name}_{i}": v for i, v in enumerate(value)})
+            elif value is not None:
+                out[name] = value
+        return out
+
+    def static_fields(self) -> dict[str, Any]:
+        """JSON-serialisable metadata (tuples become lists)."""
+        return {n: list(v) if isinstance(v, tuple) else v
+                for n, v in ((n, getattr(self, n)) for n in self.static_field_names())}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any], static: dict[str, Any]) -> Stored:
+        """Inverse of (`arrays`, `static_fields`)."""
+        kwargs: dict[str, Any] = {}
+        for name in cls.array_field_names():
+            numbered = sorted((k for k in arrays if k.rsplit("_", 1)[0] == name and k.rsplit("_", 1)[-1].isdigit()),
+                              key=lambda k: int(k.rsplit("_", 1)[1]))
+            kwargs[name] = tuple(arrays[k] for k in numbered) if numbered else arrays.get(name)
+        for name in cls.static_field_names():
+            value = static[name]
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored (all arrays, metadata excluded)."""
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays().values())
+
+
+class QuantizedArray(Stored, abc.ABC):
     """Base of all formats. Subclasses are `@register_format` frozen dataclasses."""
 
     format_name: ClassVar[str]
@@ -59,50 +107,6 @@ class QuantizedArray(abc.ABC):
         """The same format with a PartitionSpec in place of each array: arrays split along the
         output axis over mesh axis `axis`, the rest replicated (for NamedSharding)."""
 
-    # -- generic, driven by the dataclass fields ------------------------------------------
-
-    @classmethod
-    def array_field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("static"))
-
-    @classmethod
-    def static_field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static"))
-
-    def arrays(self) -> dict[str, Any]:
-        """Flat {name: array} of the stored arrays (tuples become name_0, name_1, ...)."""
-        out = {}
-        for name in self.array_field_names():
-            value = getattr(self, name)
-            if isinstance(value, tuple):
-                out.update({f"{name}_{i}": v for i, v in enumerate(value)})
-            elif value is not None:
-                out[name] = value
-        return out
-
-    def static_fields(self) -> dict[str, Any]:
-        """JSON-serialisable metadata (tuples become lists)."""
-        return {n: list(v) if isinstance(v, tuple) else v
-                for n, v in ((n, getattr(self, n)) for n in self.static_field_names())}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, Any], static: dict[str, Any]) -> QuantizedArray:
-        """Inverse of (`arrays`, `static_fields`)."""
-        kwargs: dict[str, Any] = {}
-        for name in cls.array_field_names():
-            numbered = sorted((k for k in arrays if k.rsplit("_", 1)[0] == name and k.rsplit("_", 1)[-1].isdigit()),
-                              key=lambda k: int(k.rsplit("_", 1)[1]))
-            kwargs[name] = tuple(arrays[k] for k in numbered) if numbered else arrays.get(name)
-        for name in cls.static_field_names():
-            value = static[name]
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        return cls(**kwargs)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored (all arrays, metadata excluded)."""
-        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays().values())
-
     @property
     def size(self) -> int:
         return math.prod(self.shape)
@@ -124,11 +128,17 @@ def dot_operand_dtype(dtype: Any) -> Any:
 FORMATS: dict[str, type[QuantizedArray]] = {}
 
 
-def register_format(cls: type) -> type:
-    """Class decorator: frozen dataclass + pytree registration + entry in FORMATS."""
+def register_stored(cls: type) -> type:
+    """Class decorator: frozen dataclass + pytree registration (static fields as metadata)."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     static = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
     data = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")]
     jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=static)
+    return cls
+
+
+def register_format(cls: type) -> type:
+    """Class decorator: `register_stored` + entry in FORMATS."""
+    cls = register_stored(cls)
     FORMATS[cls.format_name] = cls
     return cls
