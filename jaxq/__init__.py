@@ -21,12 +21,12 @@ _FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpo
 
 from jaxq import formats, methods
 from jaxq.config import (AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig, QuantConfig,
-                         ReconstructionConfig, Rule, UniformConfig, UniQuanFConfig)
+                         ReconstructionConfig, Rule, SqueezeLLMConfig, UniformConfig, UniQuanFConfig)
 from jaxq.methods.registry import method_config
 
 __all__ = ["AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig", "QuantConfig",
-           "ReconstructionConfig", "Rule", "UniQuanFConfig", "UniformConfig", "formats", "load", "method_config",
-           "methods", "quantize", "save", "size_report"]
+           "ReconstructionConfig", "Rule", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "formats", "load",
+           "method_config", "methods", "quantize", "save", "size_report"]
 
 
 def __getattr__(name: str) -> Any:

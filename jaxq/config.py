@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import re
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from jaxq.formats.packing import SUPPORTED_BITS
@@ -29,12 +30,19 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, *, requires: dict[str, Any] | None = None, flags: tuple[str, ...] = (),
-            cli: bool = True) -> Any:
+            cli: bool = True, parse: Callable[[str], Any] | None = None) -> Any:
     """A method config field with what the command line needs to offer it (`jaxq.method_options`):
     help text; `requires`: the option only applies when these other fields have these values;
-    `flags`: extra option names; cli=False: not offered."""
+    `flags`: extra option names; cli=False: not offered; `parse`: the option's text -> value
+    (default: the field's type)."""
     return dataclasses.field(default=default, metadata={"help": help, "requires": requires or {}, "flags": flags,
-                                                          "cli": cli})
+                                                          "cli": cli, "parse": parse})
+
+
+def fraction(text: str) -> float:
+    """A fraction as the command line gives it: "0.45%" -> 0.0045, "0.0045" -> 0.0045."""
+    text = text.strip()
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +385,71 @@ class BCQConfig:
         grain = f"g{self.group_size}" if self.granularity == "group" else "per-channel"
         fit = f"alternating{self.rounds}" if self.algorithm == "alternating" else "greedy"
         return f"{self.method} w{self.bits} {grain} {fit}" + (" offset" if self.offset else "")
+
+
+SENSITIVE_SHARE = 1 / 9  # SqueezeLLM's 0.45 % sparse part: 0.05 % by sensitivity, 0.40 % outliers
+MAX_SPARSITY = 0.10
+
+
+@dataclasses.dataclass(frozen=True)
+class SqueezeLLMConfig:
+    """SqueezeLLM (Kim et al., ICML 2024; `jaxq.methods.squeezellm`): per output column a table of
+    2^b fp16 values fit by k-means weighted with the Fisher information (`protocol.Fisher`), b-bit
+    indices into it, and optionally a sparse fp16 part beside (dense-and-sparse). Defaults: the
+    authors' code (REFERENCES.md section 1) except bits (jaxq's 4) and sparsity (off, as their
+    released recipe).
+
+    weighted: weight each weight's squared error by its Fisher information (False: plain k-means,
+      the paper's unweighted ablation).
+    sparsity: fraction of each matrix kept in the sparse part (paper: 0.45 %), at most 10 %;
+      `sensitive` of it the entries of largest Fisher information, the rest the largest |w|.
+    sensitive: the fraction of each matrix chosen by Fisher information (None: sparsity / 9, the
+      paper's 0.05 % of 0.45 %).
+    max_iterations: Lloyd iterations per column at most (the reference's sklearn max_iter: 50);
+      fewer when an iteration changes no assignment.
+    """
+
+    method: ClassVar[str] = "squeezellm"
+
+    bits: int = setting(4, "bits per weight: 2, 3, 4 or 8")
+    weighted: bool = setting(True, "weight the k-means by the Fisher information (--no-weighted: plain k-means, "
+                                   "the paper's ablation)")
+    sparsity: float = setting(0.0, "fraction of each matrix kept as sparse fp16 entries, e.g. 0.45%% (paper), at "
+                                   "most 10%%", flags=("--sparse",), parse=fraction)
+    sensitive: float | None = setting(None, "fraction of each matrix kept sparse for its Fisher information, part "
+                                            "of --sparsity (default: a ninth of it, the paper's 0.05%% of 0.45%%)",
+                                      parse=fraction)
+    max_iterations: int = setting(50, "Lloyd iterations per column at most (fewer when no assignment changes)")
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        for name in ("sparsity", "sensitive"):
+            value = getattr(self, name)
+            if value is None and name == "sensitive":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_SPARSITY:
+                percent = (f" ({value:g} is {value:.0%}; for {value:g}% write {value / 100:g} or '{value:g}%')"
+                           if isinstance(value, (int, float)) and MAX_SPARSITY < value <= 100 else "")
+                raise ConfigError(f"squeezellm {name} must be a fraction in [0, {MAX_SPARSITY:g}] (0% to "
+                                  f"{MAX_SPARSITY:.0%}), got {value!r}{percent}")
+        if self.sensitive is not None and self.sensitive > self.sparsity:
+            raise ConfigError(f"squeezellm sensitive={self.sensitive:g} is part of sparsity={self.sparsity:g} and "
+                              "cannot exceed it")
+        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+            raise ConfigError(f"squeezellm max_iterations must be a positive integer, got {self.max_iterations!r}")
+
+    @property
+    def sensitive_fraction(self) -> float:
+        """The fraction of each matrix kept sparse for its Fisher information."""
+        return self.sparsity * SENSITIVE_SHARE if self.sensitive is None else self.sensitive
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.weighted or self.sensitive_fraction > 0
+
+    def describe(self) -> str:
+        sparse = [f"sparse{self.sparsity:.2%}"] if self.sparsity else []
+        return " ".join([self.method, f"w{self.bits}", "weighted" if self.weighted else "unweighted", *sparse])
 
 
 def is_method_config(value: Any) -> bool:

@@ -2,7 +2,8 @@
 
 Every field of a method config (and of the configs nested in it, e.g. GPTQConfig.uniform) that
 `jaxq.config.setting` marks for the command line becomes an option: `group_size` -> --group-size
-(int), a Literal -> its choices, a bool -> --flag (default False) or --no-flag (default True).
+(int, or the setting's `parse`, e.g. `config.fraction` for "0.45%"), a Literal -> its choices, a
+bool -> --flag (default False) or --no-flag (default True).
 Options several methods share (--bits) are offered once. Nothing is given a default on the command
 line: what is not given keeps the config's default, and what is given but does not apply (a
 method without that field, or a field whose `requires` does not hold) is refused by `check`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from jaxq.methods import registry
@@ -26,6 +28,7 @@ class Option:
     default: Any                    # the config's default
     help: str
     requires: tuple[tuple[str, Any], ...]
+    parse: Callable[[str], Any] | None = None  # the option's text -> value (default: by `kind`)
 
     def add_to(self, parser: argparse.ArgumentParser | Any, defaults: str) -> None:
         """defaults: how the help states the default(s), e.g. " (default 4)"."""
@@ -36,6 +39,8 @@ class Option:
             return
         if origin is Literal:
             kwargs = {"choices": args, "type": type(args[0])}
+        elif self.parse is not None:
+            kwargs = {"type": self.parse}
         else:
             kwargs = {"type": next(a for a in args if a is not type(None)) if args else self.kind}
         parser.add_argument(*self.flags, dest=self.dest, default=None, help=self.help + defaults, **kwargs)
@@ -58,7 +63,7 @@ def config_options(cls: type, defaults: Any = None) -> list[Option]:
         name = f.name.replace("_", "-")
         flag = f"--no-{name}" if hints[f.name] is bool and default else f"--{name}"
         out.append(Option(f.name, (flag, *meta["flags"]), hints[f.name], default, meta["help"],
-                          tuple(meta["requires"].items())))
+                          tuple(meta["requires"].items()), meta.get("parse")))
     return out
 
 

@@ -47,9 +47,10 @@ class SizeReport:
         return sum(w.bytes for w in self.weights) + self.other_bytes
 
     def table(self) -> str:
-        rows = [f"{'path':<44} {'shape':>13} {'encoding':<34} {'bits/w':>7} {'bytes':>11} {'vs bf16':>8}"]
+        width = max([34] + [len(w.encoding) for w in self.weights])  # composed formats describe their parts
+        rows = [f"{'path':<44} {'shape':>13} {'encoding':<{width}} {'bits/w':>7} {'bytes':>11} {'vs bf16':>8}"]
         for w in self.weights:
-            rows.append(f"{w.path:<44} {'x'.join(map(str, w.shape)):>13} {w.encoding:<34} "
+            rows.append(f"{w.path:<44} {'x'.join(map(str, w.shape)):>13} {w.encoding:<{width}} "
                         f"{w.bits_per_weight:7.3f} {w.bytes:11,d} {w.bytes / w.bf16_bytes:7.3f}x")
         q = self.quantized
         if q:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax
 
 from jaxq.formats.codebook import CodebookQ
+from jaxq.formats.sparse import DenseSparse
 from jaxq.formats.uniform import UniformQ
 from kernels_pallas import lut_matmul as lut_matmul_module
 from kernels_pallas import uniform_matmul as uniform_matmul_module
@@ -68,7 +69,10 @@ def backend_kernel(platform: str) -> str | None:
 
 
 def matmul(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
-    """x [..., in] @ w for a jaxq format -> [..., out] in x.dtype."""
+    """x [..., in] @ w for a jaxq format -> [..., out] in x.dtype. A DenseSparse weight's dense part
+    takes the kernel where one serves it, its sparse product XLA."""
+    if isinstance(w, DenseSparse):
+        return w.add_sparse(x, matmul(x, w.dense, backend=backend))
     mode = kernel_mode()
     kernel = KERNELS.get(type(w))
     if mode == "xla" or kernel is None:

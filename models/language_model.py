@@ -70,6 +70,11 @@ def embed(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
     return nnx.merge(model_graphdef(config), params).embed(tokens)
 
 
+def head(config: LlamaConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: hidden states [B, T, hidden] -> float32 logits [B, T, vocab]."""
+    return nnx.merge(model_graphdef(config), params).head(x)
+
+
 def abstract_params(config: LlamaConfig) -> Params:
     """The params tree the model expects, as jax.ShapeDtypeStruct leaves."""
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param))

@@ -20,22 +20,27 @@ class MemoryEstimate:
     block_scratch: int      # one sample through the block (attention scores, MLP)
     statistics: int         # Hessian accumulators (sum, step, integer limbs) of every input group
     kept_inputs: int = 0    # every group's inputs on every sample (AWQ's search), when kept
+    fisher: int = 0         # the Fisher pass (`fisher`): a window's gradient and its square, F / devices, and
+                            # the rematerialised blocks' inputs, when a method asks for it
 
     @property
     def total(self) -> int:
-        return self.activations + self.captured_inputs + self.block_scratch + self.statistics + self.kept_inputs
+        return (self.activations + self.captured_inputs + self.block_scratch + self.statistics + self.kept_inputs
+                + self.fisher)
 
     def describe(self) -> str:
         gib = lambda n: f"{n / 2 ** 30:.2f} GiB"
         return (f"activations {gib(self.activations)}, captured inputs {gib(self.captured_inputs)}, "
                 f"block {gib(self.block_scratch)}, statistics {gib(self.statistics)}"
-                + (f", kept inputs {gib(self.kept_inputs)}" if self.kept_inputs else ""))
+                + (f", kept inputs {gib(self.kept_inputs)}" if self.kept_inputs else "")
+                + (f", Fisher information {gib(self.fisher)}" if self.fisher else ""))
 
 
 def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int,
-             keep_inputs: bool = False, float_path: bool = False) -> MemoryEstimate:
+             keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0) -> MemoryEstimate:
     """keep_inputs: a method keeps the inputs of every input group on all samples (AWQ);
-    float_path: a trained method needs the float model's activations too (twice the streams)."""
+    float_path: a trained method needs the float model's activations too (twice the streams);
+    fisher_entries: weights whose Fisher information a method asks for (SqueezeLLM)."""
     c = config
     inputs = [c.hidden_size, c.num_heads * c.head_dim, c.hidden_size, c.intermediate_size]
     per_device = -(-samples // devices)
@@ -45,6 +50,8 @@ def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, d
         block_scratch=(c.num_heads * length * length + 3 * length * c.intermediate_size) * F32,
         statistics=sum(k * k for k in inputs) * 5 * F32,
         kept_inputs=samples * length * sum(inputs) * F32 if keep_inputs else 0,
+        fisher=int((fisher_entries * (2 + 1 / devices) + c.num_layers * length * c.hidden_size) * F32)
+        if fisher_entries else 0,
     )
 
 
@@ -65,8 +72,8 @@ def available_bytes(device) -> int | None:
 
 
 def check_fits(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int, device,
-               keep_inputs: bool = False, float_path: bool = False) -> None:
-    need = estimate(config, samples, length, local_batch, devices, keep_inputs, float_path)
+               keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0) -> None:
+    need = estimate(config, samples, length, local_batch, devices, keep_inputs, float_path, fisher_entries)
     have = available_bytes(device)
     if have is None:
         return

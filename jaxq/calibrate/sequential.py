@@ -5,13 +5,15 @@ The driver knows methods only through `jaxq.methods.protocol` (which documents t
 hooks: transform, quantize group by group, train, propagate) and finds them in
 `jaxq.methods.registry`. Memory is one block's activations and statistics; the model is never
 copied. Calibration samples are sharded over a `jax.sharding.Mesh` axis "data" and every
-statistic is summed exactly (`collect`), so 1 and N devices produce identical codes.
+statistic is summed exactly (`collect`; whole-model statistics: `fisher`), so 1 and N devices
+produce identical codes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any
@@ -23,9 +25,10 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxq import data
+from jaxq import data, tree
 from jaxq.calibrate import memory, resume, stats
 from jaxq.calibrate.collect import DATA_AXIS, Needs, collect, propagate
+from jaxq.calibrate.fisher import FisherDiagonal, fisher_diagonal
 from jaxq.config import ConfigError
 from jaxq.methods import protocol, registry
 from models.config import LlamaConfig
@@ -119,6 +122,10 @@ class _Statistics:
 
     def __call__(self, params: protocol.FlatParams, wanted: dict[Any, tuple[protocol.Statistic, ...]]) -> dict:
         """wanted: {group: statistics} -> {group name: {statistic: value}} (groups wanting none skipped)."""
+        model_level = [s for stats in wanted.values() for s in stats if isinstance(s, protocol.MODEL_STATISTICS)]
+        if model_level:
+            raise CalibrationError(f"{self.block.name}: {type(model_level[0]).__name__} is a whole-model statistic, "
+                                   "computed before the first block for `quantize` (Method.statistics) only")
         needs: Needs = tuple((g.name, g.linears[0], s) for g, s in wanted.items() if s)
         if not needs:
             return {}
@@ -132,11 +139,22 @@ class _Statistics:
         return found
 
 
+def _block_statistics(method: protocol.Method, group: Any) -> tuple[protocol.Statistic, ...]:
+    """What `method` asks of `group` that is collected on the block (not a whole-model statistic)."""
+    return tuple(s for s in method.statistics(group) if not isinstance(s, protocol.MODEL_STATISTICS))
+
+
+def _asks_fisher(method: protocol.Method, group: Any) -> bool:
+    return any(isinstance(s, protocol.Fisher) for s in method.statistics(group))
+
+
 def calibrate_block(cal: Calibration, mesh: Mesh, block_params: dict, h: jax.Array,
-                    methods: dict[str, protocol.Method], block_name: str, h_float: jax.Array | None = None) -> dict:
+                    methods: dict[str, protocol.Method], block_name: str, h_float: jax.Array | None = None,
+                    fisher: FisherDiagonal | None = None) -> dict:
     """Quantize one block's linears (`methods`: linear path in the block -> method), calling the
     methods' hooks in `protocol`'s order; -> the block's new (nested) params. h: the block's
-    calibration inputs; h_float: its inputs along the float model (for trained phases)."""
+    calibration inputs; h_float: its inputs along the float model (for trained phases); fisher:
+    the whole model's, holding every kernel of this block whose method asks for it."""
     block = block_view(cal, block_name)
     groups = block.groups
     params = float_params = traverse_util.flatten_dict(block_params, sep="/")
@@ -149,9 +167,9 @@ def calibrate_block(cal: Calibration, mesh: Mesh, block_params: dict, h: jax.Arr
         found = statistics(params, {g: method.transform_statistics(g) for g in mine})
         params = method.transform(block, params, {g.name: linears for g, linears in mine.items()}, found)
 
-    wanted = {g: tuple(dict.fromkeys(s for m in _distinct(methods, g.linears) for s in m.statistics(g)))
+    wanted = {g: tuple(dict.fromkeys(s for m in _distinct(methods, g.linears) for s in _block_statistics(m, g)))
               for g in groups}
-    askers = [m for g in groups for m in _distinct(methods, g.linears) if m.statistics(g)]
+    askers = [m for g in groups for m in _distinct(methods, g.linears) if _block_statistics(m, g)]
     sequential = all(m.sequential for m in askers)
     found = {} if sequential else statistics(params, wanted)
     params = dict(params)
@@ -161,7 +179,11 @@ def calibrate_block(cal: Calibration, mesh: Mesh, block_params: dict, h: jax.Arr
         for method in _distinct(methods, group.linears):
             linears = _linears_of(method, methods, group)
             name = f"{block_name}/{'+'.join(l.split('/')[-1] for l in linears)}"
-            formats = method.quantize([params[f"{l}/kernel"] for l in linears], found.get(group.name, {}), name)
+            group_stats = found.get(group.name, {})
+            if _asks_fisher(method, group):
+                group_stats = {**group_stats,
+                               protocol.Fisher(): [fisher.kernel(f"{block_name}/{l}/kernel") for l in linears]}
+            formats = method.quantize([params[f"{l}/kernel"] for l in linears], group_stats, name)
             params.update({f"{l}/kernel": fmt for l, fmt in zip(linears, formats)})
 
     trainers = [m for m in _distinct(methods, everything) if m.trains]
@@ -192,6 +214,24 @@ def _keeps_inputs(methods: dict[str, protocol.Method]) -> bool:
                for stat in (*m.transform_statistics(g), *m.statistics(g)))
 
 
+def _fisher_kernels(per_block: dict[int, dict[str, protocol.Method]], first_block: int = 0) -> list[str]:
+    """Paths of the kernels, in blocks from `first_block` on, whose methods ask for `protocol.Fisher`."""
+    return [f"layers/{i}/{linear}/kernel" for i in sorted(per_block) if i >= first_block for g in BLOCK_LINEAR_GROUPS
+            for m in _distinct(per_block[i], g.linears) if _asks_fisher(m, g)
+            for linear in _linears_of(m, per_block[i], g)]
+
+
+def _fisher(cal: Calibration, mesh: Mesh, params: dict, paths: list[str]) -> FisherDiagonal:
+    """F of the float kernels at `paths` over the calibration windows; non-finite F is an error
+    naming the first such layer."""
+    fisher = fisher_diagonal(cal.config, params, paths, cal.tokens, mesh, cal.progress)
+    bad = fisher.non_finite()
+    if bad:
+        raise CalibrationError(f"{bad[0].removesuffix('/kernel')}: non-finite Fisher information (NaN or Inf in the "
+                               f"gradients of the calibration loss; {len(bad)} of {len(paths)} kernels affected)")
+    return fisher
+
+
 # ------------------------------------------------------------------------ the driver
 
 def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
@@ -211,8 +251,11 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
             f"{samples} samples in steps of {cal.step_samples} over {devices} devices: the step must divide "
             f"the samples, be a multiple of the device count and at most {stats.MAX_SAMPLES_PER_STEP}")
     trains = any(m.trains for methods in per_block.values() for m in methods.values())
+    shapes = {path: leaf.shape for path, leaf in tree.flatten(params)[0]}
     memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0],
-                      keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains)
+                      keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains,
+                      fisher_entries=sum(math.prod(shapes[p]) for p in _fisher_kernels(per_block)))
+    float_params = params
     progress = resume.Progress.open(cal, assignments, params) if cal.resume_dir is not None else None
     params = dict(params)
     layers = dict(params["layers"])
@@ -224,12 +267,14 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         sharding = NamedSharding(mesh, P(DATA_AXIS))
         h = jax.device_put(embed(config, params, jnp.asarray(cal.tokens, jnp.int32)).astype(jnp.float32), sharding)
         streams = {"h": h, "h_float": h} if trains else {"h": h}
+    fisher_paths = _fisher_kernels(per_block, start)
+    fisher = _fisher(cal, mesh, float_params, fisher_paths) if fisher_paths else None
     bar = tqdm(range(config.num_layers), desc="calibrate", unit="block", disable=not cal.progress, initial=start)
     for i in range(start, config.num_layers):
         started = time.perf_counter()
         name = f"layers/{i}"
         block, h = layers[i], streams["h"]
-        quantized = (calibrate_block(cal, mesh, block, h, per_block[i], name, streams.get("h_float"))
+        quantized = (calibrate_block(cal, mesh, block, h, per_block[i], name, streams.get("h_float"), fisher)
                      if i in per_block else block)
         source = quantized if propagation(cal, per_block.get(i, {})) == "quantized" else block
         streams = {"h": propagate(config, mesh, source, h, cal.step_samples)} | (

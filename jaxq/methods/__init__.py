@@ -2,6 +2,8 @@
 calibration statistics. Each method is one module implementing `protocol.Method`, registered
 with its config class (`registry`); importing this package registers the built-in ones."""
 
-from jaxq.methods import awq, bcq, flexround, gptq, protocol, reconstruction, registry, rtn, uniquanf
+from jaxq.methods import (awq, bcq, flexround, gptq, protocol, reconstruction, registry, rtn, squeezellm,
+                          uniquanf)
 
-__all__ = ["awq", "bcq", "flexround", "gptq", "protocol", "reconstruction", "registry", "rtn", "uniquanf"]
+__all__ = ["awq", "bcq", "flexround", "gptq", "protocol", "reconstruction", "registry", "rtn", "squeezellm",
+           "uniquanf"]

@@ -14,7 +14,8 @@ Per decoder block the driver calls, in this order:
                 is `sequential`, a group's statistics are collected just before it is quantized
                 (the groups before it already quantized: GPTQ's true-sequential recipe);
                 otherwise every group's are collected first, once. A statistic two methods of
-                one group ask for is collected once.
+                one group ask for is collected once. Whole-model statistics
+                (`MODEL_STATISTICS`: `Fisher`) were computed before the first block.
   3. train      methods with `trains`: the block's (partly) quantized params refined so that
                 the block reproduces the float block's outputs (FlexRound, UniQuanF); the
                 driver then carries the float path's activations beside the calibration path's.
@@ -62,8 +63,21 @@ class Inputs:
     per_window: int | None = None
 
 
-Statistic = Hessian | AbsMean | Inputs
-GroupStatistics = Mapping[Statistic, jax.Array]
+@dataclasses.dataclass(frozen=True)
+class Fisher:
+    """The diagonal Fisher information of each of the method's kernels: the sum over the
+    calibration windows of the squared gradient of that window's mean next-token loss (the whole
+    LM's, one window at a time) with respect to the kernel, float32 [K, N_i]
+    (`jaxq.calibrate.fisher`).
+
+    A whole-model statistic: the driver computes it once, on the float model, before the first
+    block, for the kernels of every method that asks for it (in `statistics`; not available to
+    `transform`). `quantize` gets stats[Fisher()] as a list aligned with its `kernels`."""
+
+
+Statistic = Hessian | AbsMean | Inputs | Fisher
+MODEL_STATISTICS = (Fisher,)  # computed on the whole float model, not collected on a block
+GroupStatistics = Mapping[Statistic, Any]  # an array each; a list of arrays aligned with `kernels` for Fisher
 
 
 # ------------------------------------------------------------------------ the block
