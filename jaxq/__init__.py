@@ -20,11 +20,11 @@ _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "
 _FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpoint", "size_report": "report"}
 
 from jaxq import formats, methods
-from jaxq.config import (AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig, QuantConfig,
+from jaxq.config import (AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig, QuantConfig, QuIPConfig,
                          ReconstructionConfig, Rule, SqueezeLLMConfig, UniformConfig, UniQuanFConfig)
 from jaxq.methods.registry import method_config
 
-__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig", "QuantConfig",
+__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig", "QuantConfig", "QuIPConfig",
            "ReconstructionConfig", "Rule", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "formats", "load",
            "method_config", "methods", "quantize", "save", "size_report"]
 

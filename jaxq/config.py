@@ -387,6 +387,63 @@ class BCQConfig:
         return f"{self.method} w{self.bits} {grain} {fit}" + (" offset" if self.offset else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class QuIPConfig:
+    """QuIP (Chee et al. 2023; `jaxq.methods.quip`): incoherence processing, then LDLQ rounding of
+    the rotated weight with the rotated Hessian; stored as `jaxq.formats.Rotated`. Defaults: the
+    authors' `--incoh_processing` recipe (Cornell-RelaxML/QuIP opt.py: diagonal rescale, H
+    normalised to trace K plus 1e-2 I, the 2.4 RMS grid, 1% damping, no greedy passes) with
+    QuIP#'s randomized Hadamard transform (REFERENCES.md section 4).
+
+    transform: "hadamard": random signs then a fast Walsh-Hadamard transform (QuIP#), for sizes
+      m * 2^k (`jaxq.transforms.hadamard`); "kronecker": QuIP's Kronecker product of two
+      Haar-random special orthogonal factors between random permutations, any size; "none": no
+      rotation and no trace normalisation of H (the reference applies it with the projection):
+      with --no-rescale, plain LDLQ (= GPTQ) on QuIP's grid, the ablation.
+    rescale: QuIP's diagonal rescale first: input row k of W times d_k = (diag H_k / |W_k|^2)^(1/4),
+      H by 1/d on both sides; inference divides x by d.
+    grid: symmetric 2^b levels {(2j / (2^b - 1) - 1) s}; "matrix": one s = grid_rms * RMS(W~) per
+      weight (QuIP's qfn 'b'); "channel": one per output column, from that column's RMS.
+    damp: added to the normalised, rotated H as a fraction of its mean diagonal (QuIP's percdamp).
+    greedy_passes: coordinate-descent passes over the inputs after LDLQ (QuIP's --npasses).
+    rotation_seed: the rotations' seed; each linear's are derived from it and its path.
+    true_sequential: as GPTQ's (jaxq's GPTQ default); the reference collects all of a block's
+      Hessians first (--no-true-sequential).
+    """
+
+    method: ClassVar[str] = "quip"
+
+    bits: int = setting(2, "bits per weight: 2, 3, 4 or 8")
+    transform: Literal["hadamard", "kronecker", "none"] = setting(
+        "hadamard", "incoherence rotation: randomized Hadamard (QuIP#), Kronecker of random orthogonal factors "
+                    "(QuIP) or none")
+    rescale: bool = setting(True, "QuIP's diagonal rescale of the inputs before the rotation (--no-rescale: off)")
+    grid: Literal["matrix", "channel"] = setting("matrix", "one grid scale per weight (QuIP) or per output column")
+    grid_rms: float = setting(2.4, "grid half-width in RMS of the rotated weight (QuIP: 2.4)")
+    damp: float = setting(0.01, "damping as a fraction of mean(diag H)")
+    greedy_passes: int = setting(0, "greedy coordinate-descent passes after LDLQ (QuIP's --npasses)")
+    rotation_seed: int = setting(0, "seed of the random rotations")
+    true_sequential: bool = setting(True, "quantize a block's stages in order, re-collecting inputs after each "
+                                          "(--no-true-sequential: all Hessians of a block first)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "dtype scales and float zeros "
+                                                                     "are stored in")
+
+    def __post_init__(self):
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_choices(self)
+        if not self.damp > 0 or not self.grid_rms > 0:
+            raise ConfigError("quip needs damp > 0 and grid_rms > 0")
+        for name in ("greedy_passes", "rotation_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"quip {name} must be a non-negative integer, got {value!r}")
+
+    def describe(self) -> str:
+        flags = [f for f, on in (("rescale", self.rescale), (f"greedy{self.greedy_passes}", self.greedy_passes > 0))
+                 if on]
+        return " ".join([self.method, f"w{self.bits}", self.transform, f"{self.grid}-grid", *flags])
+
+
 SENSITIVE_SHARE = 1 / 9  # SqueezeLLM's 0.45 % sparse part: 0.05 % by sensitivity, 0.40 % outliers
 MAX_SPARSITY = 0.10
 

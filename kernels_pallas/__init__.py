@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax
 
 from jaxq.formats.codebook import CodebookQ
+from jaxq.formats.rotated import Rotated
 from jaxq.formats.sparse import DenseSparse
 from jaxq.formats.uniform import UniformQ
 from kernels_pallas import lut_matmul as lut_matmul_module
@@ -69,9 +70,11 @@ def backend_kernel(platform: str) -> str | None:
 
 
 def matmul(x: jax.Array, w, *, backend: str | None = None) -> jax.Array:
-    """x [..., in] @ w for a jaxq format -> [..., out] in x.dtype. A DenseSparse weight's dense part
-    takes the kernel where one serves it, its sparse product XLA."""
-    if isinstance(w, DenseSparse):
+    """x [..., in] @ w for a jaxq format -> [..., out] in x.dtype. A Rotated weight's transforms run
+    around its inner format's matmul, which takes the kernel where one serves it."""
+    if isinstance(w, Rotated):
+        return w.rotate_output(matmul(w.rotate_input(x), w.inner, backend=backend))
+    if isinstance(w, DenseSparse):  # the dense part likewise, the sparse product by XLA
         return w.add_sparse(x, matmul(x, w.dense, backend=backend))
     mode = kernel_mode()
     kernel = KERNELS.get(type(w))

@@ -67,6 +67,14 @@ VARIANTS = {
        for b in (4, 3, 2) for grain, settings in (("per-channel", dict(granularity="channel")), ("g64", dict(group_size=64)))},
     **{f"uniquanf w{b} {grain}": jaxq.UniQuanFConfig(bits=b, **settings)
        for b in (4, 3, 2) for grain, settings in (("per-channel", {}), ("g64", dict(granularity="group", group_size=64)))},
+    # QuIP's table (issue 16): RTN and GPTQ on one per-channel grid; LDLQ (= GPTQ) on QuIP's 2.4 RMS
+    # per-matrix grid without incoherence processing; QuIP with either rotation (+ per-channel grid)
+    **{f"rtn w{b} per-channel int-zero minmax": U(bits=b, granularity="channel") for b in (3, 2)},
+    **{f"gptq w{b} per-channel": G(uniform=U(bits=b, granularity="channel")) for b in (3, 2)},
+    **{f"ldlq w{b} no-incoherence": jaxq.QuIPConfig(bits=b, transform="none", rescale=False) for b in (3, 2)},
+    **{f"quip w{b} {transform}": jaxq.QuIPConfig(bits=b, transform=transform)
+       for b in (3, 2) for transform in ("hadamard", "kronecker")},
+    **{f"quip w{b} hadamard channel-grid": jaxq.QuIPConfig(bits=b, grid="channel") for b in (3, 2)},
     **{f"squeezellm w{b} {variant}": jaxq.SqueezeLLMConfig(bits=b, **settings)
        for b in (3, 4) for variant, settings in (("unweighted", dict(weighted=False)), ("weighted", {}),
                                                  ("weighted sparse0.45", dict(sparsity=0.0045)))},

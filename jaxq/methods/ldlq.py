@@ -2,7 +2,12 @@
 factorisation of H. With H = (U + I) D (U + I)^T, U strictly upper triangular, column k is
 rounded as  w_hat_k = Q(w_k + (W - W_hat)_{:, <k} U_{<k, k}).  QuIP proves this equals
 OPTQ/GPTQ on the same H; `tests/jaxq/methods/test_gptq.py` checks it numerically, and QuIP's
-incoherence processing reuses this form.
+incoherence processing (`jaxq.methods.quip`) reuses this form, optionally followed by
+`greedy_passes` of coordinate descent on the same proxy loss.
+
+Order: inputs are rounded k = 0, 1, ..., K - 1 (GPTQ's order). QuIP's `round_ldl` works on the
+PyTorch transpose with the lower LDL factor and rounds input K - 1 first: the mirror image, equal
+to this on the inputs reversed (H and W reversed), not code for code on the same ones.
 """
 
 from __future__ import annotations
@@ -44,3 +49,33 @@ def ldlq_codes(wt: jax.Array, hessian: jax.Array, scale: jax.Array, zero: jax.Ar
     init = (jnp.zeros(wt.shape, jnp.uint8), jnp.zeros_like(wt))
     codes, _ = jax.lax.fori_loop(0, wt.shape[1], step, init)
     return codes
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "passes"))
+def greedy_passes(wt: jax.Array, codes: jax.Array, hessian: jax.Array, scale: jax.Array, zero: jax.Array | None,
+                  cfg: UniformConfig, passes: int) -> jax.Array:
+    """Coordinate descent on tr(E H E^T), E = W_hat - wt, from codes uint8 [N, K] on the grids
+    (scale, zero) [N]: each pass sets columns k = 0..K-1 in turn to the grid point nearest their
+    minimiser given the others, w_hat_k - (E H)_{:, k} / H_kk (exact: one column's loss is a 1-D
+    convex quadratic, so rounding and clipping to the grid is its best grid point). At most
+    `passes` passes, fewer when one changes nothing (QuIP's `round_ldl` n_greedy_passes, which walk
+    the inputs in the order its LDLQ rounds them, K - 1 first; these walk them in this LDLQ's order,
+    0 first: the mirror image. The reference clips only after each pass).
+    -> codes [N, K]."""
+    diagonal = jnp.diag(hessian)
+    decode = lambda q: rtn.decode(q[:, None], scale, zero, cfg)[:, 0].astype(wt.dtype)
+
+    def column(k, carry):
+        codes, err = carry
+        target = wt[:, k] + err[:, k] - (err @ hessian[:, k]) / diagonal[k]
+        q = rtn.encode(target[:, None], scale, zero, cfg)[:, 0]
+        return codes.at[:, k].set(q), err.at[:, k].set(decode(q) - wt[:, k])
+
+    def one_pass(state):
+        done, codes, err, _ = state
+        new_codes, err = jax.lax.fori_loop(0, wt.shape[1], column, (codes, err))
+        return done + 1, new_codes, err, (new_codes != codes).any()
+
+    err = rtn.decode(codes, scale, zero, cfg).astype(wt.dtype) - wt
+    state = (0, codes, err, jnp.asarray(True))
+    return jax.lax.while_loop(lambda s: (s[0] < passes) & s[3], one_pass, state)[1]
