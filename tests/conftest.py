@@ -76,3 +76,18 @@ def smollm():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def logit_error(rng):
+    """(model config, float params) -> a function of quantized params: the mean squared error of
+    their logits against the float model's on 4 random windows of 32 tokens, drawn from `rng`
+    when called (so a test's later draws are unchanged)."""
+    import models
+
+    def against(config, params):
+        lm = models.LanguageModel(config, params)
+        held_out = rng.integers(0, config.vocab_size, size=(4, 32))
+        reference = np.asarray(lm.apply(params, held_out))
+        return lambda quantized: float(np.mean((np.asarray(lm.apply(quantized, held_out)) - reference) ** 2))
+    return against

@@ -36,12 +36,9 @@ def test_later_blocks_see_the_quantized_outputs(rng):
     assert not np.array_equal(codes(quantized, second), codes(from_float, second))
 
 
-def test_gptq_through_the_driver_beats_rtn_on_the_model_output(rng):
+def test_gptq_through_the_driver_beats_rtn_on_the_model_output(rng, logit_error):
     params = models.init_params(GQA, seed=0)
-    lm = models.LanguageModel(GQA, params)
-    held_out = rng.integers(0, 97, size=(4, 32))
-    reference = np.asarray(lm.apply(params, held_out))
-    error = lambda q: float(np.mean((np.asarray(lm.apply(q, held_out)) - reference) ** 2))
+    error = logit_error(GQA, params)
     cfg = GPTQConfig(uniform=UniformConfig(bits=2, group_size=32))
     gptq_error = error(jaxq.quantize(params, cfg, calibration(GQA, rng, samples=16)))
     rtn_error = error(jaxq.quantize(params, cfg.uniform))

@@ -210,12 +210,9 @@ def test_training_lowers_the_block_loss_exports_what_it_trained_and_is_determini
     assert other["trained"] != losses["trained"]
 
 
-def test_uniquanf_through_quantize_beats_alternating_bcq_on_the_model_output(rng):
+def test_uniquanf_through_quantize_beats_alternating_bcq_on_the_model_output(rng, logit_error):
     params = models.init_params(GQA, seed=0)
-    lm = models.LanguageModel(GQA, params)
-    held_out = rng.integers(0, 97, size=(4, 32))
-    reference = np.asarray(lm.apply(params, held_out))
-    error = lambda q: float(np.mean((np.asarray(lm.apply(q, held_out)) - reference) ** 2))
+    error = logit_error(GQA, params)
     uniquanf = jaxq.quantize(params, UniQuanFConfig(bits=3, training=ReconstructionConfig(epochs=2)),
                              calibration(GQA, rng))
     leaves = [leaf for path, leaf in jaxq.tree.flatten(uniquanf)[0] if path.endswith("_proj/kernel")]
