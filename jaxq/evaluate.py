@@ -39,13 +39,19 @@ class PerplexityReport:
         return dataclasses.asdict(self)
 
 
+def next_token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Summed next-token NLL of each window from its logits [B, T, V] and tokens int32 [B, T]:
+    float32 [B] (T-1 predictions each)."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -picked.sum(axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def window_nll(config: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
     """Summed next-token NLL of each window: int32 [B, T] -> float32 [B] (T-1 predictions each)."""
     logits, _ = forward(config, params, tokens)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -picked.sum(axis=-1)
+    return next_token_nll(logits, tokens)
 
 
 class EvaluationError(ValueError):

@@ -11,11 +11,16 @@ with every block rematerialised (`jax.checkpoint`), so the backward pass keeps t
 inputs (layers x T x hidden) and one block's activations; the gradient is taken of the selected
 kernels only; F is accumulated sharded over the mesh axis "data" (1/D of each kernel's entries on
 each of D devices), and a block's kernels are gathered only when that block is quantized
-(`FisherDiagonal.kernel`). Per device: the model, one window's gradient (param dtype) and its
-float32 square, and F / D: a 7B model in bf16 on 8 devices of 80 GB holds about
-14 + 14 + 28 + 28/8 GB. A model whose gradient does not fit beside it would take one pass per
-subset of its blocks (`paths`; each pass a full forward and backward), which the driver, asking
-for every kernel at once, does not do.
+(`FisherDiagonal.kernel`). Per device: its own copy of the model, one window's gradient of the
+selected kernels (param dtype) and its float32 square, and F / D; a round's squares are released
+kernel by kernel as they are added (one kernel's `all_to_all` buffer at a time), before the next
+round's gradient is allocated. (Adding the square to F inside the gradient's program, F donated,
+would save the square's copy on one device, but that program's F differed in its last bits from
+D devices': so every D runs the one program, with zero sums.) `memory.estimate` counts these. A 7B Llama in bf16 (6.5 B of its 6.7 B
+weights in the blocks' linears) on 8 devices of 80 GB: 13.5 (model) + 13 (gradient) + 26
+(squares) + 26 / 8 (F) + 1 (2048-token blocks' inputs), about 57 GB. A model whose gradient does
+not fit beside it would take one pass per subset of its blocks (`paths`; each pass a full
+forward and backward), which the driver, asking for every kernel at once, does not do.
 
 Exactness: every device count gives bit-identical F. The integer limbs of `jaxq.calibrate.stats`
 need a bound common to all the summed values before any is added, which for F would mean every
@@ -44,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxq import tree
+from jaxq.evaluate import next_token_nll
 from jaxq.sharding import DATA_AXIS
 from models.config import LlamaConfig
 from models.language_model import block_forward, embed, head
@@ -58,8 +64,7 @@ def window_loss(config: LlamaConfig, params: dict, kernels: dict[str, jax.Array]
     x = embed(config, params, tokens[None])
     for i in range(config.num_layers):
         x = block(params["layers"][i], x)
-    logp = jax.nn.log_softmax(head(config, params, x)[0, :-1], axis=-1)
-    return -jnp.take_along_axis(logp, tokens[1:, None], axis=-1).mean()
+    return next_token_nll(head(config, params, x), tokens[None])[0] / (tokens.shape[0] - 1)
 
 
 def slice_length(shape: tuple[int, ...], devices: int) -> int:
@@ -68,41 +73,49 @@ def slice_length(shape: tuple[int, ...], devices: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _squared_gradient(config: LlamaConfig, paths: tuple[str, ...]) -> Callable:
-    """jit: (params, tokens int32 [T]) -> {path: float32 [1, K, N]}, the squared gradient of one
-    window's loss with respect to the kernels at `paths`. A single-device program, run on each
-    device for its own window: XLA's SPMD pipeline compiles a program over several devices
+def _added_squared_gradient(config: LlamaConfig, paths: tuple[str, ...]) -> Callable:
+    """jit: (params, tokens int32 [T], sums {path: float32 [K * N]}, donated) -> {path: sums + the
+    squared gradient of one window's loss with respect to the kernel at `path`, flattened}.
+
+    Run with zero sums (0 + x = x exactly) on every device for its own window, whose square
+    `_accumulate` then adds to F (passing F itself here on one device gave other last bits than
+    D devices' F, so it is not done). A single-device program, run on each device for its own window: XLA's SPMD pipeline compiles a program over several devices
     differently (measured: a division of the softmax's backward that one device's program turns
-    into a multiplication by a reciprocal), which would make a gradient depend on the device count."""
-    def squared(params, tokens):
+    into a multiplication by a reciprocal), which would make a gradient depend on the device
+    count. The square passes an optimization barrier before the addition, so no fused
+    multiply-add rounds it differently from `_accumulate`'s."""
+    def added(params, tokens, sums):
         kernels = {path: leaf for path, leaf in tree.flatten(params)[0] if path in paths}
         grads = jax.grad(lambda k: window_loss(config, params, k, tokens))(kernels)
-        return {path: jnp.square(g.astype(jnp.float32))[None] for path, g in grads.items()}
+        squares = jax.lax.optimization_barrier({p: jnp.square(g.astype(jnp.float32)) for p, g in grads.items()})
+        return {p: sums[p] + squares[p].reshape(-1) for p in paths}
 
-    return jax.jit(squared)
+    return jax.jit(added, donate_argnums=2)
 
 
-@functools.lru_cache(maxsize=16)
-def _accumulate(mesh: Mesh, shapes: tuple[tuple[str, tuple[int, int]], ...]) -> Callable:
-    """jit(shard_map): (sums {path: [D * m]}, squares {path: [D, K, N]}, both sharded over
-    "data": device j's window's square on device j) -> sums + the D squares, each device adding
-    the slice it owns of every window's square in window order."""
+@functools.lru_cache(maxsize=64)
+def _accumulate(mesh: Mesh, shape: tuple[int, int]) -> Callable:
+    """jit(shard_map): (sums [D * m], squares [D * K * N], both sharded over "data": device j's
+    window's square of one kernel on device j) -> sums + the D squares, each device adding the
+    slice it owns of every window's square in window order."""
     devices = mesh.devices.size
+    m = slice_length(shape, devices)
 
     def local(sums, squares):
-        out = {}
-        for path, shape in shapes:
-            m = slice_length(shape, devices)
-            square = jnp.pad(squares[path].reshape(-1), (0, devices * m - math.prod(shape)))
-            mine = jax.lax.all_to_all(square, DATA_AXIS, 0, 0, tiled=True).reshape(devices, m)  # row j: device j's
-            total = sums[path]
-            for j in range(devices):  # in window order
-                total = total + mine[j]
-            out[path] = total
-        return out
+        square = jnp.pad(squares.reshape(-1), (0, devices * m - math.prod(shape)))
+        mine = jax.lax.all_to_all(square, DATA_AXIS, 0, 0, tiled=True).reshape(devices, m)  # row j: device j's
+        total = sums
+        for j in range(devices):  # in window order
+            total = total + mine[j]
+        return total
 
     step = jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
     return jax.jit(step, donate_argnums=0)
+
+
+@jax.jit
+def _all_finite(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {p: jnp.isfinite(s).all() for p, s in sums.items()}
 
 
 def _per_device(tree_of_arrays: Any, mesh: Mesh) -> dict[Any, Any]:
@@ -129,7 +142,7 @@ class FisherDiagonal:
 
     def non_finite(self) -> list[str]:
         """Paths whose F holds NaN or Inf (a window's gradient did), in path order."""
-        finite = jax.jit(lambda sums: {p: jnp.isfinite(s).all() for p, s in sums.items()})(self.sums)
+        finite = _all_finite(self.sums)
         return [p for p in sorted(finite) if not bool(finite[p])]
 
 
@@ -150,18 +163,24 @@ def fisher_diagonal(config: LlamaConfig, params: dict, paths: Sequence[str], tok
     sharded = NamedSharding(mesh, P(DATA_AXIS))
     sums = {p: jax.device_put(jnp.zeros(devices * slice_length(shape, devices), jnp.float32), sharded)
             for p, shape in shapes}
-    squared, accumulate = _squared_gradient(config, tuple(paths)), _accumulate(mesh, shapes)
+    rounds = tqdm(range(0, tokens.shape[0], devices), desc="fisher", unit="round", disable=not progress)
+    added = _added_squared_gradient(config, tuple(paths))
     local = _per_device(params, mesh)
     position = {d: index[0].indices(devices)[0]  # device -> its window in a round
                 for d, index in sharded.addressable_devices_indices_map((devices,)).items()}
-    rounds = tqdm(range(0, tokens.shape[0], devices), desc="fisher", unit="round", disable=not progress)
+
+    def window(lo, d):  # device d's window of the round from lo: its squares, flat [K * N] each
+        zeros = {p: jnp.zeros(math.prod(shape), jnp.float32, device=d) for p, shape in shapes}
+        return added(local[d], jax.device_put(tokens[lo + position[d]], d), zeros)
+
     # jit compiles the program once for each device it runs on: threads compile them in parallel
     with concurrent.futures.ThreadPoolExecutor(len(local)) as pool:
         for lo in rounds:
-            window = lambda d: squared(local[d], jax.device_put(tokens[lo + position[d]], d))
-            parts = dict(zip(local, pool.map(window, local)))
-            squares = {p: jax.make_array_from_single_device_arrays((devices, *shape), sharded,
-                                                                   [parts[d][p] for d in local])
-                       for p, shape in shapes}
-            sums = accumulate(sums, squares)
+            parts = dict(zip(local, pool.map(functools.partial(window, lo), local)))
+            for p, shape in shapes:  # each kernel's squares released once added, before the next round's
+                square = jax.make_array_from_single_device_arrays((devices * math.prod(shape),), sharded,
+                                                                  [parts[d].pop(p) for d in local])
+                sums[p] = _accumulate(mesh, shape)(sums[p], square)
+                del square
+            del parts
     return FisherDiagonal(sums, dict(shapes), mesh, tokens.shape[0])

@@ -20,8 +20,9 @@ class MemoryEstimate:
     block_scratch: int      # one sample through the block (attention scores, MLP)
     statistics: int         # Hessian accumulators (sum, step, integer limbs) of every input group
     kept_inputs: int = 0    # every group's inputs on every sample (AWQ's search), when kept
-    fisher: int = 0         # the Fisher pass (`fisher`): a window's gradient and its square, F / devices, and
-                            # the rematerialised blocks' inputs, when a method asks for it
+    fisher: int = 0         # the Fisher pass (`fisher`), when a method asks for it: this device's copy of the
+                            # model, a window's gradient (param dtype) and its float32 square, F / devices, and
+                            # the rematerialised blocks' inputs
 
     @property
     def total(self) -> int:
@@ -37,10 +38,13 @@ class MemoryEstimate:
 
 
 def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int,
-             keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0) -> MemoryEstimate:
+             keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0,
+             fisher_itemsize: int = F32, model_bytes: int = 0) -> MemoryEstimate:
     """keep_inputs: a method keeps the inputs of every input group on all samples (AWQ);
     float_path: a trained method needs the float model's activations too (twice the streams);
-    fisher_entries: weights whose Fisher information a method asks for (SqueezeLLM)."""
+    fisher_entries: weights whose Fisher information a method asks for (SqueezeLLM), their
+    gradient's bytes per entry fisher_itemsize (the param dtype's), in a model of model_bytes
+    (copied to every device for the Fisher pass)."""
     c = config
     inputs = [c.hidden_size, c.num_heads * c.head_dim, c.hidden_size, c.intermediate_size]
     per_device = -(-samples // devices)
@@ -50,8 +54,8 @@ def estimate(config: LlamaConfig, samples: int, length: int, local_batch: int, d
         block_scratch=(c.num_heads * length * length + 3 * length * c.intermediate_size) * F32,
         statistics=sum(k * k for k in inputs) * 5 * F32,
         kept_inputs=samples * length * sum(inputs) * F32 if keep_inputs else 0,
-        fisher=int((fisher_entries * (2 + 1 / devices) + c.num_layers * length * c.hidden_size) * F32)
-        if fisher_entries else 0,
+        fisher=int(model_bytes + fisher_entries * (fisher_itemsize + F32 + F32 / devices)
+                   + c.num_layers * length * c.hidden_size * F32) if fisher_entries else 0,
     )
 
 
@@ -72,8 +76,10 @@ def available_bytes(device) -> int | None:
 
 
 def check_fits(config: LlamaConfig, samples: int, length: int, local_batch: int, devices: int, device,
-               keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0) -> None:
-    need = estimate(config, samples, length, local_batch, devices, keep_inputs, float_path, fisher_entries)
+               keep_inputs: bool = False, float_path: bool = False, fisher_entries: int = 0,
+               fisher_itemsize: int = F32, model_bytes: int = 0) -> None:
+    need = estimate(config, samples, length, local_batch, devices, keep_inputs, float_path, fisher_entries,
+                    fisher_itemsize, model_bytes)
     have = available_bytes(device)
     if have is None:
         return

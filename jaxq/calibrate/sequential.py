@@ -214,9 +214,9 @@ def _keeps_inputs(methods: dict[str, protocol.Method]) -> bool:
                for stat in (*m.transform_statistics(g), *m.statistics(g)))
 
 
-def _fisher_kernels(per_block: dict[int, dict[str, protocol.Method]], first_block: int = 0) -> list[str]:
-    """Paths of the kernels, in blocks from `first_block` on, whose methods ask for `protocol.Fisher`."""
-    return [f"layers/{i}/{linear}/kernel" for i in sorted(per_block) if i >= first_block for g in BLOCK_LINEAR_GROUPS
+def _fisher_kernels(per_block: dict[int, dict[str, protocol.Method]]) -> list[str]:
+    """Paths of the kernels whose methods ask for `protocol.Fisher`, in every block."""
+    return [f"layers/{i}/{linear}/kernel" for i in sorted(per_block) for g in BLOCK_LINEAR_GROUPS
             for m in _distinct(per_block[i], g.linears) if _asks_fisher(m, g)
             for linear in _linears_of(m, per_block[i], g)]
 
@@ -251,10 +251,14 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
             f"{samples} samples in steps of {cal.step_samples} over {devices} devices: the step must divide "
             f"the samples, be a multiple of the device count and at most {stats.MAX_SAMPLES_PER_STEP}")
     trains = any(m.trains for methods in per_block.values() for m in methods.values())
-    shapes = {path: leaf.shape for path, leaf in tree.flatten(params)[0]}
+    leaves = dict(tree.flatten(params)[0])
+    fisher_paths = _fisher_kernels(per_block)
     memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0],
                       keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains,
-                      fisher_entries=sum(math.prod(shapes[p]) for p in _fisher_kernels(per_block)))
+                      fisher_entries=sum(math.prod(leaves[p].shape) for p in fisher_paths),
+                      fisher_itemsize=max((np.dtype(leaves[p].dtype).itemsize for p in fisher_paths), default=4),
+                      model_bytes=sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+                                      for leaf in leaves.values()))
     float_params = params
     progress = resume.Progress.open(cal, assignments, params) if cal.resume_dir is not None else None
     params = dict(params)
@@ -267,7 +271,8 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         sharding = NamedSharding(mesh, P(DATA_AXIS))
         h = jax.device_put(embed(config, params, jnp.asarray(cal.tokens, jnp.int32)).astype(jnp.float32), sharding)
         streams = {"h": h, "h_float": h} if trains else {"h": h}
-    fisher_paths = _fisher_kernels(per_block, start)
+    # F of every kernel that asks for it, resumed or not: the same program as the uninterrupted
+    # run's, so the same bits (a subset would compile differently); the blocks before `start` unused
     fisher = _fisher(cal, mesh, float_params, fisher_paths) if fisher_paths else None
     bar = tqdm(range(config.num_layers), desc="calibrate", unit="block", disable=not cal.progress, initial=start)
     for i in range(start, config.num_layers):

@@ -16,8 +16,9 @@ so S costs 32 bits per nonzero plus 16 (out + 1) bits per matrix: at 0.45 % spar
 part's arrays (prefixed "dense."; `nbytes` counts both parts) and its own leaf record (format,
 version, static fields), checked like the outer one on load.
 
-matmul: the dense part's product (its own kernel under `kernels_pallas.matmul`) plus x S, a
-segment sum over the nonzeros of x[:, row] * value into their columns, in float32.
+matmul (the XLA path): x @ (the dense part's weight with S added in), one dot, as CodebookQ's.
+Under `kernels_pallas.matmul`: the dense part's product by its own kernel plus x S (`add_sparse`:
+x[:, row] * value over the nonzeros added into their columns, in float32).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxq.formats.base import FORMATS, QuantizedArray, register_format, static_field
+from jaxq.formats.base import FORMATS, QuantizedArray, dot_operand_dtype, register_format, static_field
 from jaxq.formats.codebook import sixteen_bit
 
 DENSE_PREFIX = "dense."
@@ -75,20 +77,29 @@ class DenseSparse(QuantizedArray):
         return jnp.repeat(jnp.arange(self.shape[1], dtype=jnp.int32), counts, total_repeat_length=self.nnz)
 
     def sparse_product(self, x: jax.Array) -> jax.Array:
-        """x S for x [M, in] in original row order -> float32 [M, out]."""
-        contributions = x[:, self.rows.astype(jnp.int32)].astype(jnp.float32) * self.values.astype(jnp.float32)
-        return jax.ops.segment_sum(contributions.T, self.columns(), num_segments=self.shape[1],
-                                   indices_are_sorted=True).T
+        """x S for x [M, in] in original row order -> float32 [M, out]: x gathered along its last
+        axis at S's rows, times the values, scattered (added) into their columns."""
+        contributions = jnp.take(x, self.rows.astype(jnp.int32), axis=-1).astype(jnp.float32) * self.values.astype(
+            jnp.float32)                                                            # [M, nnz]
+        zeros = jnp.zeros((x.shape[0], self.shape[1]), jnp.float32)
+        return zeros.at[:, self.columns()].add(contributions, indices_are_sorted=True)
 
     def add_sparse(self, x: jax.Array, dense_product: jax.Array) -> jax.Array:
-        """dense_product [..., out] (the dense part times x [..., in]) + x S, in x.dtype."""
+        """dense_product [..., out] (the dense part times x [..., in]) + x S, in x.dtype: the
+        kernels' path (`kernels_pallas.matmul`), the dense part by its own kernel."""
         in_features, out_features = self.shape
         total = dense_product.reshape(-1, out_features).astype(jnp.float32) + self.sparse_product(
             x.reshape(-1, in_features))
         return total.astype(x.dtype).reshape(*x.shape[:-1], out_features)
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        return self.add_sparse(x, self.dense.matmul(x))
+        """x @ dequantize(): the XLA path materialises the weight anyway (as CodebookQ's), so S is
+        scattered into it and one dot runs, nothing of size [M, nnz]."""
+        in_features, out_features = self.shape
+        operand = dot_operand_dtype(x.dtype)
+        w = self.stored_weight(x.dtype).astype(operand)
+        y = jnp.dot(x.reshape(-1, in_features).astype(operand), w, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], out_features)
 
     def stored_weight(self, dtype: Any) -> jax.Array:
         w = self.dense.dequantize(jnp.float32)
@@ -119,5 +130,38 @@ class DenseSparse(QuantizedArray):
     def from_arrays(cls, arrays: dict[str, Any], static: dict[str, Any]) -> DenseSparse:
         dense_arrays = {name[len(DENSE_PREFIX):]: a for name, a in arrays.items() if name.startswith(DENSE_PREFIX)}
         dense = FORMATS[static["dense"]["format"]].from_arrays(dense_arrays, static["dense"]["static"])
+        check_sparse_record(tuple(static["shape"]), tuple(dense.shape), arrays["values"], arrays["rows"],
+                            arrays["column_starts"])
         return cls(dense=dense, values=arrays["values"], rows=arrays["rows"], column_starts=arrays["column_starts"],
                    shape=tuple(static["shape"]), dtype=static["dtype"])
+
+
+def check_sparse_record(shape: tuple[int, ...], dense_shape: tuple[int, ...], values: Any, rows: Any,
+                        column_starts: Any) -> None:
+    """A stored S that `DenseSparse` can use: column_starts [out + 1] from 0, non-decreasing, to
+    nnz (the length of values and rows), every row below `in` (the values checked where the
+    arrays are concrete, the shapes always); CheckpointError otherwise."""
+    from jaxq.checkpoint import CheckpointError  # jaxq.checkpoint imports the formats
+
+    def bad(reason: str):
+        raise CheckpointError(f"a dense_sparse weight of shape {list(shape)} has a bad sparse part: {reason}")
+
+    if len(shape) != 2 or tuple(dense_shape) != tuple(shape):
+        bad(f"its dense part has shape {list(dense_shape)}")
+    in_features, out_features = shape
+    shapes = [tuple(getattr(a, "shape", np.shape(a))) for a in (values, rows, column_starts)]
+    if len(shapes[0]) != 1 or shapes[1] != shapes[0]:
+        bad(f"{shapes[0]} values but {shapes[1]} rows")
+    if shapes[2] != (out_features + 1,):
+        bad(f"column_starts of shape {shapes[2]}, expected ({out_features + 1},)")
+    concrete = lambda a: isinstance(a, np.ndarray) or (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer))
+    if not (concrete(rows) and concrete(column_starts)):
+        return  # abstract arrays (`jaxq inspect`, a restore's target): their shapes only
+    starts, nnz = np.asarray(column_starts).astype(np.int64), shapes[0][0]
+    if starts[0] != 0 or starts[-1] != nnz:
+        bad(f"column_starts run from {starts[0]} to {starts[-1]}, expected 0 to nnz = {nnz}")
+    if np.any(np.diff(starts) < 0):
+        bad("column_starts decrease")
+    rows = np.asarray(rows).astype(np.int64)
+    if nnz and (rows.min() < 0 or rows.max() >= in_features):
+        bad(f"a row index outside 0 .. {in_features - 1}")

@@ -77,7 +77,8 @@ class Fisher:
 
 Statistic = Hessian | AbsMean | Inputs | Fisher
 MODEL_STATISTICS = (Fisher,)  # computed on the whole float model, not collected on a block
-GroupStatistics = Mapping[Statistic, Any]  # an array each; a list of arrays aligned with `kernels` for Fisher
+GroupStatistics = Mapping[Statistic, jax.Array | list[jax.Array]]  # an array each; for Fisher a list aligned
+                                                                  # with `kernels`
 
 
 # ------------------------------------------------------------------------ the block

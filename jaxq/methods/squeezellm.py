@@ -15,7 +15,8 @@ reference's sklearn KMeans init: the first centre drawn by weight, each next one
 2 + floor(ln k) candidates drawn by weight x squared distance; uniforms from numpy's
 default_rng(0)) and the column's min-max uniform grid (per-channel RTN's levels). From each,
 Lloyd iterations (assign each weight to its nearest centroid, move each centroid to the weighted
-mean of its weights; a centroid nobody is assigned to stays), at most `max_iterations`, stopping
+mean of its weights; a centroid nobody is assigned to is relocated, as sklearn's, to the weight
+of largest weighted error: `update`), at most `max_iterations`, stopping
 once an iteration changes no assignment; the start whose result has the lower weighted error
 wins. Lloyd never increases the error, so the result is never worse than the uniform grid (before
 the table is rounded to fp16).
@@ -34,6 +35,8 @@ Deviations from the reference, all deliberate:
   - sparse entries take no part in the k-means (the reference clusters them as zeros of weight
     0) and keep their nearest centroid as dense index, so S = w - table[index] is the smaller
     residual (the reference maps them to the centroid nearest 0);
+  - an empty cluster's centroid is relocated to the weight of largest weighted error (sklearn's:
+    largest unweighted distance, which could pick a weight-0 entry);
   - a column whose dense entries all have F = 0 is clustered unweighted (as the reference's
     all-zero sample weights become uniform ones).
 """
@@ -51,6 +54,7 @@ from jaxq.config import SqueezeLLMConfig
 from jaxq.formats.codebook import CodebookQ
 from jaxq.formats.sparse import DenseSparse
 from jaxq.methods import protocol, registry
+from jaxq.methods.rtn import minmax_range
 
 SEED = 0  # sklearn's random_state in the reference
 
@@ -63,7 +67,9 @@ COMPARE_ALL_ENTRIES = 16  # up to this many centroids, assign by comparing with 
 def nearest(w: jax.Array, centroids: jax.Array) -> jax.Array:
     """Index of the centroid nearest each of w [K] among sorted centroids [k]: int32 [K] (a tie
     at a midpoint goes to the lower centroid). Few centroids: compare with all midpoints (cheaper
-    to compile and run than a binary search); more (8 bits): binary search."""
+    to compile and run than a binary search); more (8 bits): binary search. (Not BCQ's
+    `nearest_codes`: that one compares distances to the two neighbours, which rounds differently
+    from a midpoint at a near-tie, over levels in code order.)"""
     midpoints = (centroids[:-1] + centroids[1:]) / 2
     method = "compare_all" if centroids.shape[0] <= COMPARE_ALL_ENTRIES else "scan"
     return jnp.searchsorted(midpoints, w, side="left", method=method).astype(jnp.int32)
@@ -75,9 +81,24 @@ def weighted_error(w: jax.Array, weight: jax.Array, centroids: jax.Array, assign
 
 
 def update(w: jax.Array, weight: jax.Array, assignment: jax.Array, centroids: jax.Array) -> jax.Array:
-    """Each centroid moved to the weighted mean of the weights assigned to it (kept where no
-    weight is), sorted: [k]."""
+    """Each centroid moved to the weighted mean of the weights assigned to it, sorted: [k].
+
+    A centroid nobody (of positive weight) is assigned to is relocated, as sklearn's Lloyd does
+    (`_relocate_empty_clusters`): the r-th such centroid (in index order) takes the weight with
+    the r-th largest weighted error w.r.t. its current centroid (ties: lower index), which leaves
+    its cluster for the empty one before the means are taken. sklearn ranks by unweighted distance;
+    here the error is weighted, so a weight-0 entry (a sparse one) is never taken. A centroid
+    stays where it is when its candidate's error is 0 (fewer distinct weighted values than
+    centroids)."""
     k = centroids.shape[0]
+    totals = jax.ops.segment_sum(weight, assignment, num_segments=k)
+    empty = totals <= 0
+    error = weight * (w - centroids[assignment]) ** 2
+    far = jax.lax.top_k(error, min(k, w.shape[0]))[1]                            # largest first
+    point = far[jnp.clip(jnp.cumsum(empty) - 1, 0, far.shape[0] - 1)]            # [k]: each centroid's candidate
+    moves = empty & (error[point] > 0)
+    assignment = assignment.at[jnp.where(moves, point, w.shape[0])].set(jnp.arange(k, dtype=assignment.dtype),
+                                                                        mode="drop")
     sums = jax.ops.segment_sum(weight * w, assignment, num_segments=k)
     totals = jax.ops.segment_sum(weight, assignment, num_segments=k)
     return jnp.sort(jnp.where(totals > 0, sums / jnp.where(totals > 0, totals, 1.0), centroids))
@@ -140,8 +161,7 @@ def kmeans_plus_plus(w: jax.Array, weight: jax.Array, uniforms: jax.Array) -> ja
 
 def uniform_grid(w: jax.Array, weight: jax.Array, k: int) -> jax.Array:
     """k evenly spaced levels from the min to the max of the weights with positive weight: [k]."""
-    counted = weight > 0
-    low, high = jnp.min(jnp.where(counted, w, jnp.inf)), jnp.max(jnp.where(counted, w, -jnp.inf))
+    low, high = minmax_range(w, weight > 0)
     return low + (high - low) * jnp.arange(k, dtype=jnp.float32) / (k - 1)
 
 

@@ -48,10 +48,15 @@ def test_gptq_through_the_driver_beats_rtn_on_the_model_output(rng, logit_error)
 UNIQUANF3 = jaxq.UniQuanFConfig(bits=3, training=jaxq.ReconstructionConfig(epochs=1))
 
 
-@pytest.mark.parametrize("method", [GPTQ3, UNIQUANF3], ids=["gptq", "uniquanf"])
+SQUEEZELLM3 = jaxq.SqueezeLLMConfig(bits=2, sparsity=0.01, max_iterations=5)
+
+
+@pytest.mark.parametrize("method", [GPTQ3, UNIQUANF3, SQUEEZELLM3], ids=["gptq", "uniquanf", "squeezellm"])
 def test_resume_continues_after_an_interruption(method, rng, tmp_path, monkeypatch):
     """A trained method resumes with both activation streams (calibration and float path) of
-    the last saved block, so block 1 trains on exactly what it trained on uninterrupted."""
+    the last saved block, so block 1 trains on exactly what it trained on uninterrupted;
+    SqueezeLLM's Fisher information, recomputed on resume, is the same program's (every kernel's,
+    not only the remaining blocks'), so the same bits."""
     params = models.init_params(GQA, seed=0)
     cal = calibration(GQA, rng, resume_dir=str(tmp_path / "progress"))
     uninterrupted = jaxq.quantize(params, method, calibration(GQA, np.random.default_rng(0)))

@@ -122,3 +122,18 @@ def test_sharding_splits_the_dense_part_and_replicates_the_sparse_one(rng):
     assert placed.values.sharding.spec == jax.sharding.PartitionSpec()
     x = jnp.asarray(rng.normal(size=(2, 96)).astype(np.float32))
     np.testing.assert_allclose(np.asarray(placed.matmul(x)), np.asarray(w.matmul(x)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda a: {**a, "column_starts": a["column_starts"][:-1]}, "column_starts of shape"),
+    (lambda a: {**a, "values": a["values"][:-1]}, "values but"),
+    (lambda a: {**a, "values": a["values"][:-1], "rows": a["rows"][:-1]}, "expected 0 to nnz = 36"),
+    (lambda a: {**a, "column_starts": a["column_starts"].at[5].set(30)}, "column_starts decrease"),
+    (lambda a: {**a, "rows": a["rows"].at[0].set(96)}, "a row index outside 0 .. 95"),
+], ids=["starts-length", "rows-length", "nnz", "monotone", "row-range"])
+def test_a_bad_sparse_record_is_refused(damage, reason, rng):
+    w, _, _ = with_sparse(rng, codebook(rng, 96, 40), 37)
+    arrays, static = w.arrays(), w.static_fields()
+    assert isinstance(DenseSparse.from_arrays(arrays, static), DenseSparse)
+    with pytest.raises(CheckpointError, match=reason):
+        DenseSparse.from_arrays(damage(arrays), static)
