@@ -119,6 +119,14 @@ def paths(k: int, n: int, key: jax.Array) -> dict[str, tuple[Callable, tuple, Ca
     return out
 
 
+def write_record(path: str, record: dict) -> None:
+    """Write a benchmark's JSON record (creating its directory) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/bench_kernels.json")
@@ -149,10 +157,7 @@ def main() -> None:
               "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
               "python": platform.python_version(), "calls_per_measurement": args.calls, "repeats": args.repeats,
               "statistic": "median", "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ Protocol: bench_kernels' (`time_per_call`: `--calls` dependent calls in one jit,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,7 @@ import jax.numpy as jnp
 import kernels_pallas
 from jaxq.formats import Rotated, UniformQ, rotation
 
-from bench_kernels import time_per_call  # a sibling script (scripts/ is on sys.path)
+from bench_kernels import time_per_call, write_record  # a sibling script (scripts/ is on sys.path)
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v, gate/up, down
 ROWS = (1, 16, 512)  # decode, a small batch, a prefill window
@@ -98,10 +96,7 @@ def main() -> None:
               "python": platform.python_version(), "calls_per_measurement": args.calls, "repeats": args.repeats,
               "statistic": "median", "inner_format": f"{inner.format_name} {inner.describe()}", "activations": "bfloat16",
               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":
