@@ -17,16 +17,18 @@ from typing import Any
 __version__ = "0.2.0"
 _SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
                "quantization", "report", "sharding")
-_FUNCTIONS = {"quantize": "quantization", "save": "checkpoint", "load": "checkpoint", "size_report": "report"}
+_FUNCTIONS = {"quantize": "quantization", "quantize_model": "quantization", "save": "checkpoint", "load": "checkpoint",
+              "size_report": "report"}
 
 from jaxq import formats, methods
-from jaxq.config import (AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig, QuantConfig, QuIPConfig,
-                         ReconstructionConfig, Rule, SqueezeLLMConfig, UniformConfig, UniQuanFConfig)
+from jaxq.config import (ActivationConfig, AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig,
+                         KVCacheConfig, QuantConfig, QuIPConfig, ReconstructionConfig, Rule, SqueezeLLMConfig,
+                         UniformConfig, UniQuanFConfig)
 from jaxq.methods.registry import method_config
 
-__all__ = ["AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig", "QuantConfig", "QuIPConfig",
-           "ReconstructionConfig", "Rule", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "formats", "load",
-           "method_config", "methods", "quantize", "save", "size_report"]
+__all__ = ["ActivationConfig", "AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig",
+           "KVCacheConfig", "QuantConfig", "QuIPConfig", "ReconstructionConfig", "Rule", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "formats", "load",
+           "method_config", "methods", "quantize", "quantize_model", "save", "size_report"]
 
 
 def __getattr__(name: str) -> Any:

@@ -43,6 +43,8 @@ from models.language_model import LanguageModel, abstract_params as model_abstra
 CHECKPOINT_VERSION = 2
 FLOAT = "float"
 RUNTIME_FIELDS = ("dtype", "param_dtype")  # dtype policy is chosen at load time, not stored
+# how a quantized model runs (`jaxq.quantize_model`): the same model, deployed differently
+DEPLOYMENT_FIELDS = ("rotation", "activations", "kv_cache")
 RESUME_MARKER = "run.json"  # at the root of a `jaxq.calibrate.resume` progress directory
 
 
@@ -362,9 +364,16 @@ def _check_stored_arrays(directory: Any, stored: Any, expected: Any) -> None:
                               f"metadata record, e.g. {diff}")
 
 
-def _check_same_model(directory: Any, saved: LlamaConfig, expected: LlamaConfig) -> None:
+def model_differences(saved: LlamaConfig, expected: LlamaConfig) -> list[str]:
+    """Fields in which two configs describe different models: not the dtype policy, not how the
+    model is deployed (a rotated model also unties its head)."""
     a, b = saved.to_dict(), expected.to_dict()
-    diff = [f"{k}={a[k]!r} (expected {b[k]!r})" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]
+    same = RUNTIME_FIELDS + DEPLOYMENT_FIELDS + (("tie_word_embeddings",) if saved.rotation or expected.rotation else ())
+    return [f"{k}={a[k]!r} (expected {b[k]!r})" for k in a if k not in same and a[k] != b[k]]
+
+
+def _check_same_model(directory: Any, saved: LlamaConfig, expected: LlamaConfig) -> None:
+    diff = model_differences(saved, expected)
     if diff:
         raise CheckpointError(f"checkpoint {directory} holds a different model: {', '.join(diff[:6])}")
 
@@ -456,8 +465,7 @@ def check_replaceable(directory: Path, config: LlamaConfig, source: str, *, over
     if overwrite or metadata is None:
         return
     saved = None if metadata["model_config"] is None else LlamaConfig.from_dict(metadata["model_config"])
-    if saved is None or not _same_source(metadata.get("source", ""), source) or \
-            saved.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
+    if saved is None or not _same_source(metadata.get("source", ""), source) or model_differences(saved, config):
         raise DestinationError(
             f"{directory} holds a checkpoint of another model ({metadata.get('source') or 'unknown source'}, not "
             f"{source}); choose another directory, or pass --overwrite (overwrite=True) to replace it")

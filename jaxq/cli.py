@@ -10,7 +10,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxq import data, method_options
-from jaxq.config import DEFAULT_PATTERN, QuantConfig, Rule
+from jaxq.config import DEFAULT_PATTERN, ROTATIONS, ActivationConfig, KVCacheConfig, QuantConfig, Rule
 from jaxq.methods import registry
 
 
@@ -37,6 +37,18 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     method_options.add_method_options(p)
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
+    model = p.add_argument_group("rotation, activations and KV cache (QuaRot's W4A4KV4)")
+    model.add_argument("--rotate", default="none", choices=ROTATIONS,
+                       help="rotate the residual stream first (hadamard: random Hadamard; random: Haar orthogonal) "
+                            "and run the online Hadamard transforms (default %(default)s)")
+    model.add_argument("--rotate-seed", type=int, default=0, help="seed of the residual rotation")
+    model.add_argument("--a-bits", type=int, default=None, help="quantize every block linear's input per token to "
+                                                                "this many bits (default: 16-bit inputs)")
+    model.add_argument("--a-clip-ratio", type=float, default=ActivationConfig.clip_ratio,
+                       help="activation range clip ratio (default %(default)s)")
+    model.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
+    model.add_argument("--kv-clip-ratio", type=float, default=KVCacheConfig.clip_ratio,
+                       help="KV-cache range clip ratio (default %(default)s)")
     cal = p.add_argument_group("calibration (data-aware methods)")
     cal.add_argument("--calib-data", default=data.CALIBRATION_SOURCE,
                      help="calibration text: a named source or a file (default %(default)s)")
@@ -66,6 +78,10 @@ def check_quantize_options(args: argparse.Namespace) -> None:
     if registry.registration(args.method).data_free:
         defaults = vars(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"]))
         foreign += ["--" + dest.replace("_", "-") for dest in CALIBRATION_OPTIONS if getattr(args, dest) != defaults[dest]]
+    ignored += [(flag, condition) for flag, condition, unused in (
+        ("--a-clip-ratio", "--a-bits", args.a_bits is None and args.a_clip_ratio != ActivationConfig.clip_ratio),
+        ("--kv-clip-ratio", "--kv-bits", args.kv_bits is None and args.kv_clip_ratio != KVCacheConfig.clip_ratio),
+        ("--rotate-seed", "--rotate", args.rotate == "none" and args.rotate_seed != 0)) if unused]
     problems = [f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {args.method}"]
     problems = problems[:1 if foreign else 0] + [f"{flag} does not apply without {condition}"
                                                  for flag, condition in ignored if condition is not None]
@@ -91,7 +107,10 @@ def check_eval_options(args: argparse.Namespace) -> None:
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     method = method_options.build_config(args.method, args)
     rules = tuple(Rule(pattern, None) for pattern in args.keep_float) + (Rule(DEFAULT_PATTERN, method),)
-    return QuantConfig(rules=rules)
+    activations = None if args.a_bits is None else ActivationConfig(bits=args.a_bits, clip_ratio=args.a_clip_ratio)
+    kv_cache = None if args.kv_bits is None else KVCacheConfig(bits=args.kv_bits, clip_ratio=args.kv_clip_ratio)
+    return QuantConfig(rules=rules, activations=activations, kv_cache=kv_cache, rotate=args.rotate,
+                       rotate_seed=args.rotate_seed)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -114,9 +133,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                     data_dir=args.data_dir, step_samples=args.calib_step, devices=args.devices,
                                     propagate=args.propagate, resume_dir=args.resume, progress=not args.quiet)
     start = time.perf_counter()
-    qparams = quantization.quantize(lm.params, cfg, calib, progress=not args.quiet)
+    quantized = quantization.quantize_model(lm, cfg, calib, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    checkpoint.save(out, qparams, model_config=lm.config, quant_config=cfg, tokenizer=lm.tokenizer,
+    qparams = quantized.params
+    checkpoint.save(out, qparams, model_config=quantized.config, quant_config=cfg, tokenizer=lm.tokenizer,
                     source=str(args.model))
     sizes = report.size_report(qparams)
     summary = {"model": args.model, "out": str(out), "quant_config": cfg.to_dict(),
@@ -179,6 +199,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("model: none recorded (a params tree saved without a model config)" if c is None else
           f"model: {c['architecture']}, {c['num_layers']} blocks, hidden {c['hidden_size']}, "
           f"MLP {c['intermediate_size']}, {c['num_heads']}/{c['num_kv_heads']} heads, vocab {c['vocab_size']}")
+    if c is not None and any(c.get(k) for k in ("rotation", "activations", "kv_cache")):
+        print("runs: " + ", ".join(part for part in (
+            c.get("rotation") and f"{c['rotation']}-rotated with online Hadamard transforms",
+            c.get("activations") and f"{c['activations']['bits']}-bit activations (per token, clip "
+                                     f"{c['activations']['clip_ratio']})",
+            c.get("kv_cache") and f"{c['kv_cache']['bits']}-bit KV cache (per token and head, clip "
+                                  f"{c['kv_cache']['clip_ratio']})") if part))
     print(sizes.table())
     return 0
 

@@ -535,20 +535,85 @@ class Rule:
         return re.search(self.pattern, path) is not None
 
 
+ACTIVATION_BITS = (2, 3, 4, 6, 8)
+KV_CACHE_BITS = (2, 4, 8)  # codes pack whole into bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationConfig:
+    """Dynamic per-token symmetric quantization of the input of every quantized linear (QuaRot's
+    activation quantizer, `quant_utils.py`): per token, scale = clip_ratio * max|x| / (2^(b-1) - 1),
+    codes round(x / scale) clamped to [-2^(b-1), 2^(b-1) - 1], the linear then reads scale * codes
+    (simulated: the matmul itself runs in the compute dtype). lm_head keeps 16-bit inputs.
+    clip_ratio: QuaRot's paper setting 0.9 (its code's default is 1.0).
+    """
+
+    bits: int = 4
+    clip_ratio: float = 0.9
+
+    def __post_init__(self):
+        _check_choice("activation bits", self.bits, ACTIVATION_BITS)
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ConfigError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheConfig:
+    """Asymmetric quantization of keys (after RoPE, and after the per-head Hadamard of a rotated
+    model) and values, one scale and integer zero per token and head (group = head_dim, never the
+    hidden size: QuaRot's `k_groupsize=-1` trap under GQA). scale = clip_ratio * (max - min) /
+    (2^b - 1) in float16, zero = round(-clip_ratio * min / scale) clamped to the codes' range.
+    The cache stores packed codes, float16 scales and packed zeros: (head_dim * b / 8 + 2 + b / 8)
+    bytes per token and head, 0.27x bf16 at 4 bits and head_dim 64. clip_ratio: QuaRot's 0.95.
+    """
+
+    bits: int = 4
+    clip_ratio: float = 0.95
+
+    def __post_init__(self):
+        _check_choice("KV-cache bits", self.bits, KV_CACHE_BITS)
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ConfigError(f"KV-cache clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+
+ROTATIONS = ("none", "hadamard", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Ordered rules; the first whose pattern matches a leaf's path decides its method."""
+    """Ordered rules; the first whose pattern matches a leaf's path decides its method.
+
+    Model-level settings, applied by `jaxq.quantize_model` (they change the model, not only its
+    weights): `rotate` the residual stream by a seeded orthogonal matrix (`hadamard`: a random
+    Hadamard, `random`: a Haar-random orthogonal; QuaRot, `jaxq.transforms.model_rotation`) before
+    the weights are quantized; quantize linear inputs (`activations`) and the KV cache (`kv_cache`)
+    in every forward of the deployed model.
+    """
 
     rules: tuple[Rule, ...] = (Rule(DEFAULT_PATTERN, UniformConfig()),)
+    activations: ActivationConfig | None = None
+    kv_cache: KVCacheConfig | None = None
+    rotate: Literal["none", "hadamard", "random"] = "none"
+    rotate_seed: int = 0
 
     def __post_init__(self):
         if not self.rules:
             raise ConfigError("QuantConfig needs at least one rule")
         object.__setattr__(self, "rules", tuple(self.rules))
+        _check_choice("rotate", self.rotate, ROTATIONS)
 
     @classmethod
-    def for_method(cls, method: Any, pattern: str = DEFAULT_PATTERN) -> QuantConfig:
-        return cls(rules=(Rule(pattern, method),))
+    def for_method(cls, method: Any, pattern: str = DEFAULT_PATTERN, **model_settings: Any) -> QuantConfig:
+        return cls(rules=(Rule(pattern, method),), **model_settings)
+
+    @property
+    def changes_model(self) -> bool:
+        """Whether the config rotates the model or quantizes its activations or KV cache."""
+        return self.rotate != "none" or self.activations is not None or self.kv_cache is not None
+
+    def weights_only(self) -> QuantConfig:
+        """The same rules without the model-level settings."""
+        return QuantConfig(rules=self.rules)
 
     def method_for(self, path: str) -> Any:
         """The method config for `path` (None: stays float)."""
@@ -561,7 +626,10 @@ class QuantConfig:
         return {"rules": [{"pattern": r.pattern,
                            "method": None if r.method is None else r.method.method,
                            "settings": None if r.method is None else _settings(r.method)}
-                          for r in self.rules]}
+                          for r in self.rules],
+                "activations": None if self.activations is None else _settings(self.activations),
+                "kv_cache": None if self.kv_cache is None else _settings(self.kv_cache),
+                "rotate": self.rotate, "rotate_seed": self.rotate_seed}
 
 
 

@@ -20,7 +20,7 @@ from jaxq.sharding import DATA_AXIS, shard_params
 from jaxq.tree import path_str
 from models.config import LlamaConfig
 from models.language_model import LanguageModel, Params, forward
-from models.llama import KVCache
+from models.kv_cache import KVCache
 
 QUICK = dict(ctx=512, windows=64)
 FULL = dict(ctx=2048, windows=None)

@@ -14,6 +14,8 @@ from jaxq import tree
 from jaxq.calibrate import sequential
 from jaxq.config import ConfigError, QuantConfig, is_method_config
 from jaxq.methods import protocol, registry
+from jaxq.transforms import model_rotation
+from models.language_model import LanguageModel
 
 STACK_CHUNK = 8  # layers quantized together in one vmapped call (bounds the stacked copy)
 
@@ -96,9 +98,13 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
     kernel selected by `cfg`'s rules replaced by a quantized format.
 
     Data-free methods (rtn) need no `calib`; data-aware ones (gptq, awq) take the calibration
-    inputs through it. `progress` shows a progress bar.
+    inputs through it. `progress` shows a progress bar. A config that rotates the model or
+    quantizes activations or the KV cache goes through `quantize_model` (they change the model).
     """
     cfg = as_quant_config(cfg)
+    if cfg.changes_model:
+        raise ConfigError("this QuantConfig rotates the model or quantizes its activations / KV cache, which "
+                          "changes the model and not only its weights: use jaxq.quantize_model(lm, cfg, calib)")
     leaves, treedef = tree.flatten(params)
     assignments = plan(leaves, cfg)
     check_finite(leaves)
@@ -129,3 +135,21 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
         bar.update(len(group))
     bar.close()
     return tree.unflatten(treedef, out)
+
+
+def quantize_model(lm: LanguageModel, cfg: Any, calib: sequential.Calibration | None = None, *,
+                   progress: bool = False) -> LanguageModel:
+    """Pure: a float model -> the deployed quantized model (params and config): rotated first when
+    `cfg.rotate` says so (exact in float; calibration then runs on the rotated model, its online
+    transforms included), weights quantized by `cfg`'s rules (`quantize`), and the config set to
+    quantize activations and the KV cache in every forward (`cfg.activations`, `cfg.kv_cache`).
+    `calib` may come from the unrotated model: only its tokens are used with the rotated one.
+    """
+    cfg = as_quant_config(cfg)
+    if cfg.rotate != "none":
+        config, params = model_rotation.rotate(lm.config, lm.params, cfg.rotate, cfg.rotate_seed)
+        lm = lm.replace(config=config, params=params)
+    if calib is not None:
+        calib = dataclasses.replace(calib, config=lm.config)
+    params = quantize(lm.params, cfg.weights_only(), calib, progress=progress)
+    return lm.replace(params=params, config=lm.config.replace(activations=cfg.activations, kv_cache=cfg.kv_cache))

@@ -6,7 +6,7 @@
 
 from models.config import LlamaConfig, RopeScaling, UnsupportedModelError
 from models.language_model import LanguageModel, abstract_params, forward, init_params
-from models.llama import KVCache
+from models.kv_cache import KVCache
 from models.load import load, load_gguf, load_hf_dir
 from models.zoo import ZOO, ModelNotFoundError
 

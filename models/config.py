@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from jaxq.config import ActivationConfig, KVCacheConfig
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -34,6 +36,12 @@ class LlamaConfig:
     weights are stored in. Norms, softmax and the final log-probabilities run in float32.
     `rope_freq_factors` (head_dim/2 divisors of the RoPE inverse frequencies) is how GGUF files
     carry LLaMA-3 scaling; it is applied on top of `rope_scaling`.
+
+    How a quantized model runs (`jaxq.quantize_model` sets them, checkpoints record them):
+    `rotation` ("hadamard" or "random": the residual stream was rotated by
+    `jaxq.transforms.model_rotation`, which also folded the norms and untied the head) adds the
+    online Hadamard transforms (on down_proj's and o_proj's inputs, on q and k after RoPE);
+    `activations` quantizes the input of every block linear, `kv_cache` the keys and values.
     """
 
     vocab_size: int
@@ -53,6 +61,9 @@ class LlamaConfig:
     architecture: Literal["llama", "mistral"] = "llama"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    rotation: Literal["hadamard", "random"] | None = None
+    activations: ActivationConfig | None = None
+    kv_cache: KVCacheConfig | None = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -70,6 +81,13 @@ class LlamaConfig:
                     f"{name}={getattr(self, name)!r} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UnsupportedModelError(f"sliding_window={self.sliding_window} must be positive")
+        if self.rotation not in (None, "hadamard", "random"):
+            raise UnsupportedModelError(f"rotation={self.rotation!r}; expected None, 'hadamard' or 'random'")
+        if self.rotation is not None and self.tie_word_embeddings:
+            raise UnsupportedModelError("a rotated model has an untied head (its final norm is folded into it)")
+        if self.kv_cache is not None and self.head_dim % (8 // self.kv_cache.bits):
+            raise UnsupportedModelError(f"head_dim={self.head_dim} does not pack into whole bytes of "
+                                        f"{self.kv_cache.bits}-bit KV-cache codes")
 
     @property
     def kv_groups(self) -> int:
@@ -90,6 +108,9 @@ class LlamaConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         if d.get("rope_freq_factors") is not None:
             d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        for name, settings in (("activations", ActivationConfig), ("kv_cache", KVCacheConfig)):
+            if d.get(name) is not None:
+                d[name] = settings(**d[name])
         return cls(**d)
 
     @classmethod

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import LlamaConfig
-from models.llama import Attention, DecoderBlock, KVCache, Llama, attention_mask
+from models.kv_cache import KVCache
+from models.llama import Attention, DecoderBlock, Llama, attention_mask
 
 Params = dict[str, Any]
 

@@ -3,6 +3,12 @@
 Parameters follow Hugging Face's names with Flax's (in, out) kernel layout, e.g.
 `layers/3/self_attn/q_proj/kernel` of shape (hidden, heads*head_dim). Every linear goes through
 `jaxq.ops.qdot`, so a quantized format can replace a float kernel without touching this file.
+
+A quantized deployment is part of the config: `activations` (every block linear quantizes its
+input per token), `kv_cache` (keys after RoPE and values, the same in the cache-free forward and
+in the cache), `rotation` (a model rotated by `jaxq.transforms.model_rotation` runs the online
+Hadamard transforms QuaRot adds: on down_proj's input, on o_proj's input and on each head of q and
+k after RoPE; their inverses are folded into the weights).
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxq.formats import kv
+from jaxq.formats.activation import fake_quantize_per_token
 from jaxq.ops import qdot
+from jaxq.transforms.hadamard import hadamard_transform
 from models.config import LlamaConfig
+from models.kv_cache import KVCache
 
 INIT_STD = 0.02
 
@@ -78,29 +88,6 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.
     return mask
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Pre-allocated keys/values of every layer: [layers, B, max_len, kv_heads, head_dim].
-
-    `length` (int32 scalar) is the number of filled positions, shared by the batch.
-    """
-
-    keys: jax.Array
-    values: jax.Array
-    length: jax.Array
-
-    @classmethod
-    def empty(cls, config: LlamaConfig, batch: int, max_len: int) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = jnp.zeros(shape, config.dtype)
-        return cls(keys=zeros, values=zeros, length=jnp.zeros((), jnp.int32))
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[2]
-
-
 @dataclasses.dataclass(frozen=True)
 class LinearGroup:
     """Linears of a block that read the same input, in calibration order.
@@ -134,18 +121,23 @@ class Linear(nnx.Module):
     """y = x @ kernel with kernel (in, out): a float array or a jaxq quantized format.
 
     With capture_inputs, each call sows its input as an nnx.Intermediate named 'inputs', which
-    `nnx.capture` collects (the calibration driver's way of seeing what every linear reads).
+    `nnx.capture` collects (the calibration driver's way of seeing what every linear reads); the
+    input is sown before `activations` quantizes it (weights are calibrated on 16-bit inputs, as
+    QuaRot's GPTQ is).
     """
 
     def __init__(self, in_features: int, out_features: int, *, param_dtype, rngs: nnx.Rngs,
-                 capture_inputs: bool = False):
+                 capture_inputs: bool = False, activations=None):
         init = nnx.initializers.normal(INIT_STD)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.capture_inputs = capture_inputs
+        self.activations = activations
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.capture_inputs:
             self.sow(nnx.Intermediate, "inputs", x)
+        if self.activations is not None:
+            x = fake_quantize_per_token(x, self.activations.bits, self.activations.clip_ratio)
         return qdot(x, self.kernel.get_value())
 
 
@@ -168,38 +160,46 @@ class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, capture_inputs: bool = False):
         c = config
         linear = functools.partial(Linear, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs,
-                                   capture_inputs=capture_inputs)
+                                   capture_inputs=capture_inputs, activations=c.activations)
         self.q_proj = linear(c.hidden_size, c.num_heads * c.head_dim)
         self.k_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.v_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.o_proj = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.inv_freq = tuple(rope_inv_freq(c).tolist())
+        self.rotated = c.rotation is not None
+        self.kv_cache = c.kv_cache
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, start=None):
         """x: [B, T, hidden]; positions: [B, T]; mask: bool [B, T, S].
 
-        cache: (keys, values, length) of this layer, keys/values [B, max_len, kv, head_dim];
-        S = max_len with a cache, else T. Returns (y [B, T, hidden], updated (keys, values)).
+        cache: this layer's `FloatKV` / `QuantizedKV` [B, max_len, kv, head_dim] and `start`, the
+        slot of x's first token; S = max_len with a cache, else T. Returns (y [B, T, hidden], the
+        updated layer cache or None).
         """
         b, t, _ = x.shape
-        kv, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        kv_heads, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         inv_freq = np.asarray(self.inv_freq, np.float32)
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, d), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, t, kv, d), positions, inv_freq)
-        v = self.v_proj(x).reshape(b, t, kv, d)
+        k = apply_rope(self.k_proj(x).reshape(b, t, kv_heads, d), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, t, kv_heads, d)
+        if self.rotated:  # orthogonal per head: q k^T is unchanged, K is quantized in the rotated basis
+            q, k = hadamard_transform(q), hadamard_transform(k)
         if cache is not None:
-            keys, values, length = cache
-            k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, length, 0, 0))
-            v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, length, 0, 0))
-        q = q.reshape(b, t, kv, group, d)
+            cache = cache.write(k, v, start)
+            k, v = cache.read(x.dtype)
+        elif self.kv_cache is not None:
+            k = kv.fake_quantize(k, self.kv_cache.bits, self.kv_cache.clip_ratio)
+            v = kv.fake_quantize(v, self.kv_cache.bits, self.kv_cache.clip_ratio)
+        q = q.reshape(b, t, kv_heads, group, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32) * (d ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
-        return self.o_proj(out), (k, v)
+        if self.rotated:  # W_o holds the inverse (`model_rotation`)
+            out = hadamard_transform(out)
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -207,14 +207,18 @@ class MLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, capture_inputs: bool = False):
         linear = functools.partial(Linear, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs,
-                                   capture_inputs=capture_inputs)
+                                   capture_inputs=capture_inputs, activations=config.activations)
         h, m = config.hidden_size, config.intermediate_size
         self.gate_proj = linear(h, m)
         self.up_proj = linear(h, m)
         self.down_proj = linear(m, h)
+        self.rotated = config.rotation is not None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.rotated:  # W_down holds the inverse (`model_rotation`)
+            hidden = hadamard_transform(hidden)
+        return self.down_proj(hidden)
 
 
 class DecoderBlock(nnx.Module):
@@ -227,11 +231,11 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(config, rngs=rngs, capture_inputs=capture_inputs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None):
-        """x: [B, T, hidden] -> ([B, T, hidden], this layer's (keys, values))."""
-        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, start=None):
+        """x: [B, T, hidden] -> ([B, T, hidden], this layer's updated cache or None)."""
+        attn, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Llama(nnx.Module):
@@ -275,10 +279,11 @@ class Llama(nnx.Module):
             mask = attention_mask(positions, slots, slots < offset + t, self.config.sliding_window)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.length)
-            x, (k, v) = layer(x, positions, mask, layer_cache)
-            if cache is not None:
-                cache = dataclasses.replace(cache, keys=cache.keys.at[i].set(k), values=cache.values.at[i].set(v))
+            if cache is None:
+                x, _ = layer(x, positions, mask)
+            else:
+                x, layer_cache = layer(x, positions, mask, cache.layer(i), cache.length)
+                cache = cache.with_layer(i, layer_cache)
         logits = self.head(x)
         if cache is None:
             return logits, None

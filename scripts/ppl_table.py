@@ -28,6 +28,7 @@ U = jaxq.UniformConfig
 G = jaxq.config.GPTQConfig
 A = jaxq.config.AWQConfig
 W4, W3 = U(bits=4, group_size=128), U(bits=3, group_size=128)
+QUAROT_W4 = U(bits=4, granularity="channel", symmetric=True, calibration="mse", mse_norm=2.4)
 VARIANTS = {
     "fp": None,
     "w4 g32 float-offset minmax": U(bits=4, group_size=32, zero_point="float"),
@@ -80,6 +81,16 @@ VARIANTS = {
                                                  ("weighted sparse0.45", dict(sparsity=0.0045)))},
     # 3.24 bits per weight on smollm2-135m: fewer than GPTQ act-order g128's 3.25 (0.45% sparse costs 3.36)
     "squeezellm w3 weighted sparse0.1": jaxq.SqueezeLLMConfig(bits=3, sparsity=0.001),
+    # QuaRot's table (issue 17): 16-bit weights (every block linear kept float), or QuaRot's per-channel
+    # symmetric weights with the L_2.4 clip search, RTN or GPTQ; 4-bit activations (clip 0.9) and KV
+    # cache (clip 0.95); each unrotated and with the random Hadamard rotation
+    **{f"w{w}a{a}kv{k}{' ' + name if name else ''}{' rotated' if rotate != 'none' else ''}": jaxq.QuantConfig(
+        rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, method),), rotate=rotate,
+        activations=jaxq.ActivationConfig(bits=a) if a < 16 else None,
+        kv_cache=jaxq.KVCacheConfig(bits=k) if k < 16 else None)
+       for w, a, k, name, method in ((16, 16, 16, "", None), (16, 16, 4, "", None), (16, 4, 16, "", None),
+                                     (4, 4, 4, "rtn", QUAROT_W4), (4, 4, 4, "gptq", G(uniform=QUAROT_W4)))
+       for rotate in ("none", "hadamard") if (w, a, k, rotate) != (16, 16, 16, "none")},
 }
 
 
@@ -99,12 +110,21 @@ def main() -> None:
     for name, cfg in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        data_aware = cfg is not None and not jaxq.methods.registry.of_config(cfg).data_free
+        cfg = None if cfg is None else jaxq.quantization.as_quant_config(cfg)
+        data_aware = cfg is not None and any(rule.method is not None and
+                                             not jaxq.methods.registry.of_config(rule.method).data_free
+                                             for rule in cfg.rules)
         start = time.perf_counter()
-        params = lm.params if cfg is None else jax.block_until_ready(
-            jaxq.quantize(lm.params, cfg, calib if data_aware else None))
+        quantized = lm if cfg is None else jaxq.quantize_model(lm, cfg, calib if data_aware else None)
+        params = jax.block_until_ready(quantized.params)
         quantize_s = time.perf_counter() - start
-        report = evaluate.perplexity_report(lm, params, args.data, ctx=args.ctx, windows=args.windows, progress=False)
+        try:
+            report = evaluate.perplexity_report(quantized, params, args.data, ctx=args.ctx, windows=args.windows,
+                                                progress=False)
+        except evaluate.EvaluationError as err:  # e.g. an unrotated W4A4 model overflowing: a row all the same
+            print(json.dumps({"variant": name, "data": args.data, "ppl": None, "error": str(err),
+                              "quantize_seconds": quantize_s}), flush=True)
+            continue
         sizes = jaxq.size_report(params)
         print(json.dumps({"variant": name, "data": args.data, "ppl": report.ppl, "quantize_seconds": quantize_s,
                           "calibration_samples": args.calib_samples if data_aware else 0,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxq.config import ConfigError, QuantConfig, Rule
+from jaxq.config import ActivationConfig, ConfigError, KVCacheConfig, QuantConfig, Rule
 from jaxq.methods.protocol import Method
 
 
@@ -81,7 +81,9 @@ def quant_config_from_dict(d: dict[str, Any]) -> QuantConfig:
     for r in d["rules"]:
         method_cfg = None if r["method"] is None else _from_settings(registration(r["method"]).config, r["settings"])
         rules.append(Rule(r["pattern"], method_cfg))
-    return QuantConfig(rules=tuple(rules))
+    model = {"activations": ActivationConfig, "kv_cache": KVCacheConfig}
+    return QuantConfig(rules=tuple(rules), rotate=d.get("rotate", "none"), rotate_seed=d.get("rotate_seed", 0),
+                       **{k: None if d.get(k) is None else cls(**d[k]) for k, cls in model.items()})
 
 
 def _from_settings(cls: type, settings: dict[str, Any]) -> Any:

@@ -172,3 +172,39 @@ def test_resume_progress_and_foreign_orbax_steps_are_never_overwritten(tmp_path,
     code, _, err = run(capsys, "quantize", "--model", "/nonexistent", "--out", str(foreign), "--overwrite")
     assert code == 2 and "Orbax steps that are not a jaxq checkpoint" in err, err
     assert (foreign / "3").is_dir()
+
+
+def test_w4a4kv4_rotated_quantize_inspect_eval(tiny_llama_with_tokenizer, tmp_path, capsys):
+    """--rotate / --a-bits / --kv-bits are recorded in the checkpoint and `jaxq eval` runs them."""
+    directory, text = tiny_llama_with_tokenizer
+    out_dir = tmp_path / "w4a4kv4"
+    code, out, err = run(capsys, "quantize", "--model", directory, "--bits", "4", "--granularity", "channel", "--sym",
+                         "--rotate", "hadamard", "--a-bits", "4", "--kv-bits", "4", "--out", str(out_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out)["quant_config"]["activations"] == {"bits": 4, "clip_ratio": 0.9}
+    code, out, _ = run(capsys, "inspect", str(out_dir))
+    assert "runs: hadamard-rotated" in out and "4-bit activations" in out and "4-bit KV cache" in out
+    lm = checkpoint.load(out_dir).language_model()
+    assert lm.config.rotation == "hadamard" and lm.config.kv_cache.bits == 4 and lm.config.activations.bits == 4
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(out_dir), "--data", str(text), "--ctx", "32",
+                       "--windows", "3", "--json")
+    assert code == 0
+    expected = evaluate.perplexity(lm, lm.params, str(text), ctx=32, windows=3, progress=False)
+    without = lm.replace(config=lm.config.replace(activations=None, kv_cache=None))
+    assert json.loads(out)["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(evaluate.perplexity(without, lm.params, str(text), ctx=32, windows=3,
+                                                         progress=False), rel=1e-4)
+    # re-quantizing into the same directory is the same model, not "another model"
+    code, _, err = run(capsys, "quantize", "--model", directory, "--bits", "4", "--group-size", "16", "--out", str(out_dir),
+                       "--json")
+    assert code == 0, err
+
+
+def test_deployment_options_that_cannot_apply(tiny_llama_with_tokenizer, capsys):
+    directory, _ = tiny_llama_with_tokenizer
+    code, _, err = run(capsys, "quantize", "--model", directory, "--kv-clip-ratio", "0.8", "--rotate-seed", "3",
+                       "--out", "o")
+    assert code == 2
+    assert "--kv-clip-ratio does not apply without --kv-bits" in err and "--rotate-seed does not apply without --rotate" in err
+    code, _, err = run(capsys, "quantize", "--model", directory, "--a-bits", "5", "--out", "o")
+    assert code == 2 and "activation bits=5 is not supported" in err

@@ -137,3 +137,37 @@ def test_bfloat16_quantized_model_runs_on_the_xla_path(params, rng):
         reference = np.asarray(models.LanguageModel(CONFIG, params).apply(q, tokens))
         assert np.isfinite(got).all()
         assert np.abs(got - reference).max() <= 3e-2 * np.abs(reference).max()
+
+
+W4A4KV4 = dict(activations=jaxq.ActivationConfig(bits=4), kv_cache=jaxq.KVCacheConfig(bits=4), rotate="hadamard")
+
+
+def test_a_config_that_changes_the_model_needs_quantize_model(params):
+    for setting in W4A4KV4.items():
+        with pytest.raises(ConfigError, match="quantize_model"):
+            jaxq.quantize(params, QuantConfig.for_method(UniformConfig(), **dict([setting])))
+
+
+def test_quantize_model_calibrates_the_rotated_model(params, rng):
+    """GPTQ after a rotation sees the rotated model's inputs (online transforms included): the same
+    codes as quantizing the rotated params with a calibration of the rotated model. Activations
+    and KV cache then run in every forward, recorded in the config."""
+    from jaxq import calibrate
+    from jaxq.transforms import model_rotation
+
+    lm = models.LanguageModel(CONFIG, params)
+    calib = calibrate.Calibration(config=CONFIG, tokens=rng.integers(0, 97, (4, 32)).astype(np.int32),
+                                  step_samples=4, progress=False)
+    cfg = QuantConfig.for_method(jaxq.GPTQConfig(uniform=UniformConfig(bits=4, group_size=16)), **W4A4KV4)
+    deployed = jaxq.quantize_model(lm, cfg, calib)
+    assert deployed.config.rotation == "hadamard" and deployed.config.activations == W4A4KV4["activations"]
+    assert deployed.config.kv_cache == W4A4KV4["kv_cache"]
+    rotated_config, rotated = model_rotation.rotate(CONFIG, params, "hadamard", 0)
+    expected = jaxq.quantize(rotated, cfg.weights_only(), calibrate.Calibration(
+        config=rotated_config, tokens=calib.tokens, step_samples=4, progress=False))
+    for (path, a), (_, b) in zip(tree.flatten(deployed.params)[0], tree.flatten(expected)[0]):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=path)
+    tokens = rng.integers(0, 97, (2, 16))
+    weights_only = np.asarray(models.LanguageModel(rotated_config, expected).apply(expected, tokens))
+    assert np.abs(np.asarray(deployed.apply(deployed.params, tokens)) - weights_only).max() > 1e-3
