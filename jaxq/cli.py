@@ -45,7 +45,12 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--a-bits", type=int, default=None, help="quantize every block linear's input per token to "
                                                                 "this many bits (default: 16-bit inputs)")
     model.add_argument("--a-clip-ratio", type=float, default=ActivationConfig.clip_ratio,
-                       help="activation range clip ratio (default %(default)s)")
+                       help="dynamic activation range clip ratio (default %(default)s)")
+    model.add_argument("--a-calibration", default="dynamic", choices=("dynamic", "minmax", "percentile", "kl"),
+                       help="per-token dynamic ranges, or static per-tensor ranges calibrated on the calibration "
+                            "data (default %(default)s)")
+    model.add_argument("--a-percentile", type=float, default=ActivationConfig.percentile,
+                       help="percentile of |x| a static range clips to (default %(default)s)")
     model.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache to this many bits")
     model.add_argument("--kv-clip-ratio", type=float, default=KVCacheConfig.clip_ratio,
                        help="KV-cache range clip ratio (default %(default)s)")
@@ -75,11 +80,14 @@ def check_quantize_options(args: argparse.Namespace) -> None:
     """Refuse options the chosen method or calibration would silently ignore."""
     ignored = method_options.not_applying(args.method, args)
     foreign = [flag for flag, condition in ignored if condition is None]
-    if registry.registration(args.method).data_free:
+    if registry.registration(args.method).data_free and args.a_calibration == "dynamic":  # nothing calibrates
         defaults = vars(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"]))
         foreign += ["--" + dest.replace("_", "-") for dest in CALIBRATION_OPTIONS if getattr(args, dest) != defaults[dest]]
     ignored += [(flag, condition) for flag, condition, unused in (
         ("--a-clip-ratio", "--a-bits", args.a_bits is None and args.a_clip_ratio != ActivationConfig.clip_ratio),
+        ("--a-calibration", "--a-bits", args.a_bits is None and args.a_calibration != "dynamic"),
+        ("--a-percentile", "--a-calibration percentile",
+         args.a_calibration != "percentile" and args.a_percentile != ActivationConfig.percentile),
         ("--kv-clip-ratio", "--kv-bits", args.kv_bits is None and args.kv_clip_ratio != KVCacheConfig.clip_ratio),
         ("--rotate-seed", "--rotate", args.rotate == "none" and args.rotate_seed != 0)) if unused]
     problems = [f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {args.method}"]
@@ -107,7 +115,8 @@ def check_eval_options(args: argparse.Namespace) -> None:
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     method = method_options.build_config(args.method, args)
     rules = tuple(Rule(pattern, None) for pattern in args.keep_float) + (Rule(DEFAULT_PATTERN, method),)
-    activations = None if args.a_bits is None else ActivationConfig(bits=args.a_bits, clip_ratio=args.a_clip_ratio)
+    activations = None if args.a_bits is None else ActivationConfig(
+        bits=args.a_bits, clip_ratio=args.a_clip_ratio, calibration=args.a_calibration, percentile=args.a_percentile)
     kv_cache = None if args.kv_bits is None else KVCacheConfig(bits=args.kv_bits, clip_ratio=args.kv_clip_ratio)
     return QuantConfig(rules=rules, activations=activations, kv_cache=kv_cache, rotate=args.rotate,
                        rotate_seed=args.rotate_seed)
@@ -126,7 +135,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     lm = models.load(args.model)
     checkpoint.check_replaceable(out, lm.config, str(args.model), overwrite=args.overwrite)
     calib = None
-    if any(rule.method is not None and not registry.of_config(rule.method).data_free for rule in cfg.rules):
+    if any(rule.method is not None and not registry.of_config(rule.method).data_free for rule in cfg.rules) or \
+            (cfg.activations is not None and cfg.activations.static):
         from jaxq import calibrate
 
         calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,
@@ -202,8 +212,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if c is not None and any(c.get(k) for k in ("rotation", "activations", "kv_cache")):
         print("runs: " + ", ".join(part for part in (
             c.get("rotation") and f"{c['rotation']}-rotated with online Hadamard transforms",
-            c.get("activations") and f"{c['activations']['bits']}-bit activations (per token, clip "
-                                     f"{c['activations']['clip_ratio']})",
+            c.get("activations") and f"{c['activations']['bits']}-bit activations (" + (
+                f"per token, clip {c['activations']['clip_ratio']}" if c["activations"]["calibration"] == "dynamic"
+                else f"static {c['activations']['calibration']} ranges") + ")",
             c.get("kv_cache") and f"{c['kv_cache']['bits']}-bit KV cache (per token and head, clip "
                                   f"{c['kv_cache']['clip_ratio']})") if part))
     print(sizes.table())

@@ -546,15 +546,31 @@ class ActivationConfig:
     codes round(x / scale) clamped to [-2^(b-1), 2^(b-1) - 1], the linear then reads scale * codes
     (simulated: the matmul itself runs in the compute dtype). lm_head keeps 16-bit inputs.
     clip_ratio: QuaRot's paper setting 0.9 (its code's default is 1.0).
+
+    calibration: `dynamic` (the above), or one static per-tensor range per linear input, calibrated
+    on the calibration windows (the survey's static activation quantization): `minmax` (max |x|),
+    `percentile` (that percentile of |x|) or `kl` (TensorRT's KL-divergence threshold,
+    `jaxq.methods.rtn.kl_range`); scale = range / (2^(b-1) - 1), stored as each linear's
+    `input_scale` (`jaxq.calibrate.activation_ranges`). clip_ratio applies to `dynamic` only.
     """
 
     bits: int = 4
     clip_ratio: float = 0.9
+    calibration: Literal["dynamic", "minmax", "percentile", "kl"] = "dynamic"
+    percentile: float = 99.99
 
     def __post_init__(self):
         _check_choice("activation bits", self.bits, ACTIVATION_BITS)
+        check_choices(self)
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ConfigError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"activation percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def static(self) -> bool:
+        """Whether the linears hold calibrated `input_scale`s."""
+        return self.calibration != "dynamic"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from jaxq import tree
-from jaxq.calibrate import sequential
+from jaxq.calibrate import activation_ranges, sequential
 from jaxq.config import ConfigError, QuantConfig, is_method_config
 from jaxq.methods import protocol, registry
 from jaxq.transforms import model_rotation
@@ -142,7 +142,8 @@ def quantize_model(lm: LanguageModel, cfg: Any, calib: sequential.Calibration | 
     """Pure: a float model -> the deployed quantized model (params and config): rotated first when
     `cfg.rotate` says so (exact in float; calibration then runs on the rotated model, its online
     transforms included), weights quantized by `cfg`'s rules (`quantize`), and the config set to
-    quantize activations and the KV cache in every forward (`cfg.activations`, `cfg.kv_cache`).
+    quantize activations and the KV cache in every forward (`cfg.activations`, `cfg.kv_cache`),
+    static activation ranges calibrated last, on the quantized model (`activation_ranges`).
     `calib` may come from the unrotated model: only its tokens are used with the rotated one.
     """
     cfg = as_quant_config(cfg)
@@ -152,4 +153,10 @@ def quantize_model(lm: LanguageModel, cfg: Any, calib: sequential.Calibration | 
     if calib is not None:
         calib = dataclasses.replace(calib, config=lm.config)
     params = quantize(lm.params, cfg.weights_only(), calib, progress=progress)
-    return lm.replace(params=params, config=lm.config.replace(activations=cfg.activations, kv_cache=cfg.kv_cache))
+    config = lm.config.replace(activations=cfg.activations, kv_cache=cfg.kv_cache)
+    if cfg.activations is not None and cfg.activations.static:
+        if calib is None:
+            raise ConfigError(f"static activation ranges (calibration={cfg.activations.calibration!r}) need "
+                              "calibration data: pass calib=jaxq.calibrate.from_text(lm)")
+        params = activation_ranges.input_scales(config, params, calib.tokens, progress=progress)
+    return lm.replace(params=params, config=config)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxq.formats import kv
-from jaxq.formats.activation import fake_quantize_per_token
+from jaxq.formats.activation import fake_quantize_per_token, fake_quantize_static
 from jaxq.ops import qdot
 from jaxq.transforms.hadamard import hadamard_transform
 from models.config import LlamaConfig
@@ -123,7 +123,7 @@ class Linear(nnx.Module):
     With capture_inputs, each call sows its input as an nnx.Intermediate named 'inputs', which
     `nnx.capture` collects (the calibration driver's way of seeing what every linear reads); the
     input is sown before `activations` quantizes it (weights are calibrated on 16-bit inputs, as
-    QuaRot's GPTQ is).
+    QuaRot's GPTQ is). Static activation ranges add a float32 `input_scale` [] param.
     """
 
     def __init__(self, in_features: int, out_features: int, *, param_dtype, rngs: nnx.Rngs,
@@ -132,11 +132,15 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.capture_inputs = capture_inputs
         self.activations = activations
+        if activations is not None and activations.static:
+            self.input_scale = nnx.Param(jnp.ones((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.capture_inputs:
             self.sow(nnx.Intermediate, "inputs", x)
-        if self.activations is not None:
+        if self.activations is not None and self.activations.static:
+            x = fake_quantize_static(x, self.input_scale.get_value(), self.activations.bits)
+        elif self.activations is not None:
             x = fake_quantize_per_token(x, self.activations.bits, self.activations.clip_ratio)
         return qdot(x, self.kernel.get_value())
 

@@ -91,6 +91,11 @@ VARIANTS = {
        for w, a, k, name, method in ((16, 16, 16, "", None), (16, 16, 4, "", None), (16, 4, 16, "", None),
                                      (4, 4, 4, "rtn", QUAROT_W4), (4, 4, 4, "gptq", G(uniform=QUAROT_W4)))
        for rotate in ("none", "hadamard") if (w, a, k, rotate) != (16, 16, 16, "none")},
+    # the survey's static activation ranges against dynamic per-token ones, 8-bit inputs of the rotated model
+    **{f"w16a8kv16 {calibration} rotated": jaxq.QuantConfig(
+        rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, None),), rotate="hadamard",
+        activations=jaxq.ActivationConfig(bits=8, calibration=calibration))
+       for calibration in ("dynamic", "minmax", "percentile", "kl")},
 }
 
 
@@ -111,9 +116,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         cfg = None if cfg is None else jaxq.quantization.as_quant_config(cfg)
-        data_aware = cfg is not None and any(rule.method is not None and
-                                             not jaxq.methods.registry.of_config(rule.method).data_free
-                                             for rule in cfg.rules)
+        data_aware = cfg is not None and (any(rule.method is not None and
+                                              not jaxq.methods.registry.of_config(rule.method).data_free
+                                              for rule in cfg.rules) or (cfg.activations is not None and
+                                                                         cfg.activations.static))
         start = time.perf_counter()
         quantized = lm if cfg is None else jaxq.quantize_model(lm, cfg, calib if data_aware else None)
         params = jax.block_until_ready(quantized.params)

@@ -181,7 +181,8 @@ def test_w4a4kv4_rotated_quantize_inspect_eval(tiny_llama_with_tokenizer, tmp_pa
     code, out, err = run(capsys, "quantize", "--model", directory, "--bits", "4", "--granularity", "channel", "--sym",
                          "--rotate", "hadamard", "--a-bits", "4", "--kv-bits", "4", "--out", str(out_dir), "--json")
     assert code == 0, err
-    assert json.loads(out)["quant_config"]["activations"] == {"bits": 4, "clip_ratio": 0.9}
+    assert json.loads(out)["quant_config"]["activations"] == {"bits": 4, "clip_ratio": 0.9, "calibration": "dynamic",
+                                                              "percentile": 99.99}
     code, out, _ = run(capsys, "inspect", str(out_dir))
     assert "runs: hadamard-rotated" in out and "4-bit activations" in out and "4-bit KV cache" in out
     lm = checkpoint.load(out_dir).language_model()
