@@ -364,16 +364,19 @@ def _check_stored_arrays(directory: Any, stored: Any, expected: Any) -> None:
                               f"metadata record, e.g. {diff}")
 
 
-def model_differences(saved: LlamaConfig, expected: LlamaConfig) -> list[str]:
-    """Fields in which two configs describe different models: not the dtype policy, not how the
-    model is deployed (a rotated model also unties its head)."""
+def model_differences(saved: LlamaConfig, expected: LlamaConfig, deployment: bool = True) -> list[str]:
+    """Fields in which two configs differ, never the dtype policy; with deployment=False not how
+    the model is deployed either (rotation, which unties the head, activations, KV cache): the
+    same model, quantized differently."""
     a, b = saved.to_dict(), expected.to_dict()
-    same = RUNTIME_FIELDS + DEPLOYMENT_FIELDS + (("tie_word_embeddings",) if saved.rotation or expected.rotation else ())
+    same = RUNTIME_FIELDS
+    if not deployment:
+        same += DEPLOYMENT_FIELDS + (("tie_word_embeddings",) if saved.rotation or expected.rotation else ())
     return [f"{k}={a[k]!r} (expected {b[k]!r})" for k in a if k not in same and a[k] != b[k]]
 
 
 def _check_same_model(directory: Any, saved: LlamaConfig, expected: LlamaConfig) -> None:
-    diff = model_differences(saved, expected)
+    diff = model_differences(saved, expected)  # the caller runs the params with `expected`: all of it counts
     if diff:
         raise CheckpointError(f"checkpoint {directory} holds a different model: {', '.join(diff[:6])}")
 
@@ -465,7 +468,8 @@ def check_replaceable(directory: Path, config: LlamaConfig, source: str, *, over
     if overwrite or metadata is None:
         return
     saved = None if metadata["model_config"] is None else LlamaConfig.from_dict(metadata["model_config"])
-    if saved is None or not _same_source(metadata.get("source", ""), source) or model_differences(saved, config):
+    if saved is None or not _same_source(metadata.get("source", ""), source) or \
+            model_differences(saved, config, deployment=False):
         raise DestinationError(
             f"{directory} holds a checkpoint of another model ({metadata.get('source') or 'unknown source'}, not "
             f"{source}); choose another directory, or pass --overwrite (overwrite=True) to replace it")

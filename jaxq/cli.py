@@ -135,8 +135,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     lm = models.load(args.model)
     checkpoint.check_replaceable(out, lm.config, str(args.model), overwrite=args.overwrite)
     calib = None
-    if any(rule.method is not None and not registry.of_config(rule.method).data_free for rule in cfg.rules) or \
-            (cfg.activations is not None and cfg.activations.static):
+    if quantization.needs_calibration(cfg):
         from jaxq import calibrate
 
         calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,

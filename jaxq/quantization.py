@@ -137,6 +137,14 @@ def quantize(params: Any, cfg: Any, calib: Any = None, *, progress: bool = False
     return tree.unflatten(treedef, out)
 
 
+def needs_calibration(cfg: Any) -> bool:
+    """Whether `quantize_model(lm, cfg, calib)` reads `calib`: a data-aware method, or static
+    activation ranges."""
+    cfg = as_quant_config(cfg)
+    data_aware = any(rule.method is not None and not registry.of_config(rule.method).data_free for rule in cfg.rules)
+    return data_aware or (cfg.activations is not None and cfg.activations.static)
+
+
 def quantize_model(lm: LanguageModel, cfg: Any, calib: sequential.Calibration | None = None, *,
                    progress: bool = False) -> LanguageModel:
     """Pure: a float model -> the deployed quantized model (params and config): rotated first when

@@ -88,6 +88,12 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.
     return mask
 
 
+def online_hadamard(x: jax.Array) -> jax.Array:
+    """A rotated model's online transform along the last axis, in float32 (bf16 butterflies
+    would round at each of the log2(n) stages), returned in x.dtype."""
+    return hadamard_transform(x.astype(jnp.float32)).astype(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearGroup:
     """Linears of a block that read the same input, in calibration order.
@@ -188,7 +194,7 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, kv_heads, d), positions, inv_freq)
         v = self.v_proj(x).reshape(b, t, kv_heads, d)
         if self.rotated:  # orthogonal per head: q k^T is unchanged, K is quantized in the rotated basis
-            q, k = hadamard_transform(q), hadamard_transform(k)
+            q, k = online_hadamard(q), online_hadamard(k)
         if cache is not None:
             cache = cache.write(k, v, start)
             k, v = cache.read(x.dtype)
@@ -202,7 +208,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
         if self.rotated:  # W_o holds the inverse (`model_rotation`)
-            out = hadamard_transform(out)
+            out = online_hadamard(out)
         return self.o_proj(out), cache
 
 
@@ -221,7 +227,7 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         if self.rotated:  # W_down holds the inverse (`model_rotation`)
-            hidden = hadamard_transform(hidden)
+            hidden = online_hadamard(hidden)
         return self.down_proj(hidden)
 
 

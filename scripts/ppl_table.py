@@ -116,10 +116,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         cfg = None if cfg is None else jaxq.quantization.as_quant_config(cfg)
-        data_aware = cfg is not None and (any(rule.method is not None and
-                                              not jaxq.methods.registry.of_config(rule.method).data_free
-                                              for rule in cfg.rules) or (cfg.activations is not None and
-                                                                         cfg.activations.static))
+        data_aware = cfg is not None and jaxq.quantization.needs_calibration(cfg)
         start = time.perf_counter()
         quantized = lm if cfg is None else jaxq.quantize_model(lm, cfg, calib if data_aware else None)
         params = jax.block_until_ready(quantized.params)

@@ -47,7 +47,8 @@ def _group_ranges(config: LlamaConfig, block: Params, x: jax.Array) -> dict[str,
     """x [samples, T, hidden] -> {first linear of each input group: its range}, 16-bit inputs."""
     inputs = jax.lax.map(lambda sample: block_forward(config.replace(activations=None), block, sample[None],
                                                       capture_inputs=True)[1], x)
-    return {group.linears[0]: input_range(inputs[group.linears[0]], config.activations) for group in BLOCK_LINEAR_GROUPS}
+    first = [group.linears[0] for group in BLOCK_LINEAR_GROUPS]
+    return {linear: input_range(inputs[linear], config.activations) for linear in first}
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

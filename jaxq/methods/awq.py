@@ -150,17 +150,18 @@ def block_scale_search(run_module: Callable | None, module: str | None, linears:
     return jax.jit(run)
 
 
-def scale_absorber(params: protocol.FlatParams, group: Any, channels: int) -> Callable | None:
+def scale_absorber(params: protocol.FlatParams, group: Any, channels: int, rotated: bool = False) -> Callable | None:
     """A function dividing the group's input channels by s in the op that produces them (in
-    `params`, in place), or None when nothing can (shapes differ, as v -> o under GQA, or the
-    producer is already quantized)."""
+    `params`, in place), or None when nothing can (shapes differ, as v -> o under GQA, the
+    producer is already quantized, or a rotated model's online Hadamard sits between the
+    producing linear and the group: diag(s) does not commute with it)."""
     if group.norm is not None:
         def absorb(scale):
             norm = params[f"{group.norm}/scale"]
             params[f"{group.norm}/scale"] = (norm / scale).astype(norm.dtype)
         return absorb
     previous = params[f"{group.previous}/kernel"]
-    if not isinstance(previous, jax.Array) or previous.shape[1] != channels:
+    if rotated or not isinstance(previous, jax.Array) or previous.shape[1] != channels:
         return None
 
     def absorb(scale):
@@ -183,12 +184,13 @@ class AWQ(protocol.Method):
         cfg = self.config
         float_params, params = params, dict(params)  # searched on the float block; `params` changes below
         searched = []
+        rotated = block.config.rotation is not None
         for group in (g for g in block.groups if g.name in linears):
             x = stats[group.name][protocol.Inputs(cfg.search_positions)]  # [samples, positions, K]
             if cfg.search_samples is not None and cfg.search_samples < block.samples:
                 x = x[np.linspace(0, block.samples - 1, cfg.search_samples).astype(int)]
             abs_mean = stats[group.name][protocol.AbsMean()]
-            if scale_absorber(params, group, abs_mean.shape[0]) is None:
+            if scale_absorber(params, group, abs_mean.shape[0], rotated) is None:
                 log.info("%s/%s: no float op can absorb AWQ scales; clip search only", block.name, group.name)
                 scale = jnp.ones_like(abs_mean)
             else:
@@ -197,7 +199,7 @@ class AWQ(protocol.Method):
                 log.debug("%s/%s: AWQ alpha %.2f", block.name, group.name, float(alpha))
             searched.append((group, x, scale))
         for group, _, scale in searched:
-            absorb = scale_absorber(params, group, scale.shape[0])
+            absorb = scale_absorber(params, group, scale.shape[0], rotated)
             if absorb is not None:
                 absorb(scale)
                 for l in linears[group.name]:

@@ -313,3 +313,17 @@ def test_kill_9_during_save_keeps_the_previous_checkpoint(quantized, tmp_path, m
     float_params = models.init_params(CONFIG, seed=7)
     checkpoint.save(tmp_path / "ck", float_params, model_config=CONFIG)
     assert leaves_equal(checkpoint.load(tmp_path / "ck").params, float_params)
+
+
+def test_a_rotated_checkpoint_does_not_load_as_the_unrotated_model(tmp_path):
+    """expect= is the config the caller runs the params with: a rotation (online transforms,
+    untied head) must match, while re-quantizing into the directory treats it as the same model."""
+    config = models.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=8)
+    lm = jaxq.quantize_model(models.LanguageModel(config, models.init_params(config, seed=0)),
+                             jaxq.QuantConfig.for_method(jaxq.UniformConfig(bits=4, group_size=16), rotate="hadamard"))
+    jaxq.save(tmp_path / "c", lm.params, model_config=lm.config)
+    with pytest.raises(checkpoint.CheckpointError, match="rotation='hadamard'"):
+        jaxq.load(tmp_path / "c", expect=config)
+    assert jaxq.load(tmp_path / "c", expect=lm.config).model_config == lm.config
+    checkpoint.check_replaceable(tmp_path / "c", config, "")

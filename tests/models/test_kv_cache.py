@@ -15,21 +15,22 @@ def w4a4kv4(rotate: str) -> jaxq.QuantConfig:
                                        rotate=rotate)
 
 
-@pytest.mark.parametrize("rotate, sliding_window", [("hadamard", None), ("none", 8)])
-def test_decoding_with_the_quantized_cache_equals_the_full_forward(rotate, sliding_window, rng):
-    """Prefill 12 tokens, then 8 single-token steps. Float32; keys are quantized from the same
-    float32 values in both paths, so the codes agree and the logits differ only by summation
-    order (cache length 24 vs 20 keys): measured ~6e-8 on logits of ~1."""
+@pytest.mark.parametrize("rotate, sliding_window, prefill, max_len", [("hadamard", None, 12, 24), ("none", 8, 11, 23)])
+def test_decoding_with_the_quantized_cache_equals_the_full_forward(rotate, sliding_window, prefill, max_len, rng):
+    """Prefill, then single-token steps (odd prefill: zeros written into half-filled bytes; odd
+    max_len: rounded up to whole bytes). Float32; keys are quantized from the same float32
+    values in both paths, so the codes agree and the logits differ only by summation order
+    (cache length vs 20 keys): measured ~6e-8 on logits of ~1."""
     config = models.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                                 num_kv_heads=2, head_dim=8, sliding_window=sliding_window)
     lm = jaxq.quantize_model(models.LanguageModel(config, models.init_params(config, seed=3)), w4a4kv4(rotate))
     tokens = rng.integers(0, 97, size=(2, 20))
     full = np.asarray(lm.apply(lm.params, tokens))
-    cache = lm.new_cache(batch=2, max_len=24)
-    assert isinstance(cache.layers, QuantizedKV)
-    logits, cache = lm.apply_with_cache(lm.params, tokens[:, :12], cache)
+    cache = lm.new_cache(batch=2, max_len=max_len)
+    assert isinstance(cache.layers, QuantizedKV) and cache.max_len == max_len + max_len % 2
+    logits, cache = lm.apply_with_cache(lm.params, tokens[:, :prefill], cache)
     steps = [np.asarray(logits)]
-    for t in range(12, 20):
+    for t in range(prefill, 20):
         logits, cache = lm.apply_with_cache(lm.params, tokens[:, t:t + 1], cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
