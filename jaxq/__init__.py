@@ -22,13 +22,14 @@ _FUNCTIONS = {"quantize": "quantization", "quantize_model": "quantization", "sav
 
 from jaxq import formats, methods
 from jaxq.config import (ActivationConfig, AWQConfig, BCQConfig, ConfigError, FlexRoundConfig, GPTQConfig,
-                         KVCacheConfig, QuantConfig, QuIPConfig, ReconstructionConfig, Rule, SqueezeLLMConfig,
-                         UniformConfig, UniQuanFConfig)
+                         KVCacheConfig, MagnitudeConfig, OBRConfig, QuantConfig, QuIPConfig, ReconstructionConfig, Rule,
+                         SparseGPTConfig, SqueezeLLMConfig, UniformConfig, UniQuanFConfig, WandaConfig)
 from jaxq.methods.registry import method_config
 
 __all__ = ["ActivationConfig", "AWQConfig", "BCQConfig", "ConfigError", "FlexRoundConfig", "GPTQConfig",
-           "KVCacheConfig", "QuantConfig", "QuIPConfig", "ReconstructionConfig", "Rule", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "formats", "load",
-           "method_config", "methods", "quantize", "quantize_model", "save", "size_report"]
+           "KVCacheConfig", "MagnitudeConfig", "OBRConfig", "QuantConfig", "QuIPConfig", "ReconstructionConfig",
+           "Rule", "SparseGPTConfig", "SqueezeLLMConfig", "UniQuanFConfig", "UniformConfig", "WandaConfig",
+           "formats", "load", "method_config", "methods", "quantize", "quantize_model", "save", "size_report"]
 
 
 def __getattr__(name: str) -> Any:

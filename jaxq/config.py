@@ -30,13 +30,13 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any, help: str, *, requires: dict[str, Any] | None = None, flags: tuple[str, ...] = (),
-            cli: bool = True, parse: Callable[[str], Any] | None = None) -> Any:
+            cli: bool = True, parse: Callable[[str], Any] | None = None, option: str | None = None) -> Any:
     """A method config field with what the command line needs to offer it (`jaxq.method_options`):
     help text; `requires`: the option only applies when these other fields have these values;
     `flags`: extra option names; cli=False: not offered; `parse`: the option's text -> value
-    (default: the field's type)."""
+    (default: the field's type); `option`: the option's name when not the field's (--<option>)."""
     return dataclasses.field(default=default, metadata={"help": help, "requires": requires or {}, "flags": flags,
-                                                          "cli": cli, "parse": parse})
+                                                          "cli": cli, "parse": parse, "option": option})
 
 
 def fraction(text: str) -> float:
@@ -472,7 +472,7 @@ class SqueezeLLMConfig:
     weighted: bool = setting(True, "weight the k-means by the Fisher information (--no-weighted: plain k-means, "
                                    "the paper's ablation)")
     sparsity: float = setting(0.0, "fraction of each matrix kept as sparse fp16 entries, e.g. 0.45%% (paper), at "
-                                   "most 10%%", flags=("--sparse",), parse=fraction)
+                                   "most 10%%", option="sparse", parse=fraction)
     sensitive: float | None = setting(None, "fraction of each matrix kept sparse for its Fisher information, part "
                                             "of --sparsity (default: a ninth of it, the paper's 0.05%% of 0.45%%)",
                                       parse=fraction)
@@ -507,6 +507,132 @@ class SqueezeLLMConfig:
     def describe(self) -> str:
         sparse = [f"sparse{self.sparsity:.2%}"] if self.sparsity else []
         return " ".join([self.method, f"w{self.bits}", "weighted" if self.weighted else "unweighted", *sparse])
+
+
+def sparsity_pattern(text: str) -> float | tuple[int, int]:
+    """A pruning target as the command line gives it: "0.5" or "50%" (unstructured: that fraction
+    of every output column pruned) or "2:4" (n of every m consecutive inputs pruned)."""
+    text = text.strip()
+    if ":" in text:
+        try:
+            n, m = (int(part) for part in text.split(":"))
+        except ValueError:
+            raise ConfigError(f"sparsity {text!r}: an N:M pattern is two integers, e.g. 2:4") from None
+        return n, m
+    try:
+        return fraction(text)
+    except ValueError:
+        raise ConfigError(f"sparsity {text!r}: expected a fraction (0.5, 50%) or an N:M pattern (2:4)") from None
+
+
+def check_prune(value: Any) -> float | tuple[int, int]:
+    """A pruning target: a fraction in (0, 1) or (n, m) with 0 < n < m (a list from JSON becomes a tuple)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, int) for v in value) or not 0 < value[0] < value[1]:
+            raise ConfigError(f"sparsity {value!r}: an N:M pattern needs integers 0 < N < M, e.g. 2:4")
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ConfigError(f"sparsity {value!r}: the pruned fraction must be in (0, 1), e.g. 0.5")
+    return float(value)
+
+
+def describe_prune(value: float | tuple[int, int]) -> str:
+    return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else f"{value:.0%}"
+
+
+PRUNE_HELP = "pruned fraction of every output column (0.5, 50%%) or N:M (2:4: 2 of every 4 inputs)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig:
+    """Magnitude pruning (the data-free baseline): in every output column the smallest |w|, then
+    RTN of the kept weights on `uniform`'s grid (fit on the dense weights)."""
+
+    method: ClassVar[str] = "magnitude"
+
+    uniform: UniformConfig = UniformConfig()
+    prune: float | tuple[int, int] = setting(0.5, PRUNE_HELP, option="sparsity", parse=sparsity_pattern)
+
+    def __post_init__(self):
+        object.__setattr__(self, "prune", check_prune(self.prune))
+
+    def describe(self) -> str:
+        return f"magnitude {describe_prune(self.prune)} + {self.uniform.describe()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaConfig:
+    """WANDA (Sun et al. 2024, `locuslab/wanda/lib/prune.py:127-212`): in every output column the
+    lowest |W_kn| * ||X_k||_2 over the calibration tokens (or N:M), no weight update, then RTN of
+    the kept weights on `uniform`'s grid (fit on the dense weights)."""
+
+    method: ClassVar[str] = "wanda"
+
+    uniform: UniformConfig = UniformConfig()
+    prune: float | tuple[int, int] = setting(0.5, PRUNE_HELP, option="sparsity", parse=sparsity_pattern)
+
+    def __post_init__(self):
+        object.__setattr__(self, "prune", check_prune(self.prune))
+
+    def describe(self) -> str:
+        return f"wanda {describe_prune(self.prune)} + {self.uniform.describe()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT (Frantar & Alistarh 2023, `IST-DASLab/sparsegpt/sparsegpt.py:48-170`) in its joint
+    mode: GPTQ's sweep (`gptq`: grid, block size, damping; act-order off: N:M groups follow the
+    input order) that prunes each block's lowest w^2 / [U_kk]^2 of the whole slab (or n of every m
+    inputs per output) when it reaches it, and quantizes the kept weights on grids fit on the
+    dense weights; each pruned weight's value is error pushed onto the later inputs."""
+
+    method: ClassVar[str] = "sparsegpt"
+
+    gptq: GPTQConfig = GPTQConfig()
+    prune: float | tuple[int, int] = setting(0.5, PRUNE_HELP, option="sparsity", parse=sparsity_pattern)
+
+    def __post_init__(self):
+        object.__setattr__(self, "prune", check_prune(self.prune))
+        if self.gptq.act_order:
+            raise ConfigError("sparsegpt sweeps the inputs in order (act_order=False): its masks are chosen per block")
+        if isinstance(self.prune, tuple) and self.gptq.block_size % self.prune[1]:
+            raise ConfigError(f"sparsegpt block_size={self.gptq.block_size} must be a multiple of M={self.prune[1]}")
+
+    def describe(self) -> str:
+        return f"sparsegpt {describe_prune(self.prune)} + {self.gptq.describe()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OBRConfig:
+    """OBR, Optimal Brain Restoration (Guo, Li, Benini 2025; `csguoh/OBR` `QuaRot/obr_utils.py`):
+    per output column, a WANDA mask (`prune`), the pruned weights' loss restored on the kept ones
+    (H_II^-1 H_IZ w_Z), then the quantization error of the kept inputs before alpha * K pushed
+    onto the kept inputs after it (H_RR^-1 H_RE e_E); then `rounding="rtn"` rounds everything on the
+    grid fit on the dense weights (OBR_RTN) or `rounding="gptq"` rounds the inputs before alpha * K and
+    runs GPTQ (mask fixed) on the rest with their Hessian (OBR_GPTQ). Defaults: the reference's
+    (alpha 0.5, damp 0.01, block 128, per-channel grids with the L_2.4 MSE clip search) except the
+    grid's zero point: the reference's is symmetric (`--sym`), the default here the integer zero
+    of every other jaxq method (one --sym/--no-sym meaning across methods on the command line).
+    """
+
+    method: ClassVar[str] = "obr"
+
+    gptq: GPTQConfig = GPTQConfig(uniform=UniformConfig(bits=4, granularity="channel", calibration="mse",
+                                                        mse_norm=2.4))
+    prune: float | tuple[int, int] = setting(0.5, PRUNE_HELP, option="sparsity", parse=sparsity_pattern)
+    alpha: float = setting(0.5, "fraction of the inputs (by index) whose quantization error is pushed onto the rest")
+    rounding: Literal["gptq", "rtn"] = setting("gptq", "OBR_GPTQ (GPTQ after alpha * K) or OBR_RTN")
+
+    def __post_init__(self):
+        object.__setattr__(self, "prune", check_prune(self.prune))
+        check_choices(self)
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"obr alpha={self.alpha} must be in (0, 1)")
+        if self.gptq.act_order:
+            raise ConfigError("obr sweeps the inputs in order (act_order=False)")
+
+    def describe(self) -> str:
+        return f"obr-{self.rounding} {describe_prune(self.prune)} alpha {self.alpha:g} + {self.gptq.describe()}"
 
 
 def is_method_config(value: Any) -> bool:
@@ -566,6 +692,9 @@ class ActivationConfig:
             raise ConfigError(f"activation clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"activation percentile must be in (50, 100], got {self.percentile}")
+        if self.static and self.clip_ratio != ActivationConfig.clip_ratio:
+            raise ConfigError(f"activation clip_ratio applies to dynamic ranges; calibration={self.calibration!r} "
+                              "picks its own range")
 
     @property
     def static(self) -> bool:

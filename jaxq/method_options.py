@@ -60,7 +60,7 @@ def config_options(cls: type, defaults: Any = None) -> list[Option]:
         meta = f.metadata
         if not meta.get("cli", False):
             continue
-        name = f.name.replace("_", "-")
+        name = meta.get("option") or f.name.replace("_", "-")
         flag = f"--no-{name}" if hints[f.name] is bool and default else f"--{name}"
         out.append(Option(f.name, (flag, *meta["flags"]), hints[f.name], default, meta["help"],
                           tuple(meta["requires"].items()), meta.get("parse")))

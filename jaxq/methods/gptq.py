@@ -60,16 +60,40 @@ def upper_cholesky_of_inverse(hessian: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(inverse).T
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "in_features"))
+def _adaptive_prune(w_block: jax.Array, diag: jax.Array, valid: jax.Array, sparsity: float) -> jax.Array:
+    """SparseGPT's mask of one block (`sparsegpt.py:92-98`): the floor(s * count) lowest
+    w^2 / U_kk^2 of the whole [N, B] slab's valid entries, ties to the lower flat index -> bool
+    pruned [N, B]. (The reference's `tmp <= sort(tmp)[int(s * numel)]` prunes one more.)"""
+    scores = jnp.where(valid[None, :], (w_block / diag[None, :]) ** 2, jnp.inf).reshape(-1)
+    count = jnp.sum(valid) * w_block.shape[0]
+    rank = jnp.zeros(scores.shape, jnp.int32).at[jnp.argsort(scores, stable=True)].set(
+        jnp.arange(scores.size, dtype=jnp.int32))
+    return (rank < jnp.floor(count * sparsity).astype(jnp.int32)).reshape(w_block.shape)
+
+
+def _n_m_prune(w_run: jax.Array, diag: jax.Array, n: int) -> jax.Array:
+    """Per row, the n lowest w^2 / U_kk^2 of m consecutive inputs [N, m] -> bool pruned [N, m]."""
+    order = jnp.argsort((w_run / diag[None, :]) ** 2, axis=1, stable=True)
+    return jnp.zeros(w_run.shape, bool).at[jnp.arange(w_run.shape[0])[:, None], order[:, :n]].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "in_features", "prune"))
 def gptq_sweep(wt: jax.Array, hinv: jax.Array, perm: jax.Array, cfg: GPTQConfig, in_features: int,
-               static_grids: tuple[jax.Array, jax.Array | None] | None = None):
+               static_grids: tuple[jax.Array, jax.Array | None] | None = None,
+               prune: float | tuple[int, int] | None = None, keep: jax.Array | None = None):
     """The column sweep on padded, permuted inputs.
 
     wt [N, P] (P a multiple of block and group size; columns >= in_features are padding),
     hinv [P, P] upper Cholesky factor of the damped, permuted H^-1, perm int32 [P] (original
     column of each position). static_grids: per-group grids [N, G] in original order (static
-    groups), or [N, 1] (channel) / [1, 1] (tensor). Returns codes uint8 [N, P] and, for
-    dynamic groups, the grids [N, P/g].
+    groups), or [N, 1] (channel) / [1, 1] (tensor). Returns codes uint8 [N, P], for dynamic
+    groups the grids [N, P/g], and the kept entries bool [N, P].
+
+    Pruning in the same pass (SparseGPT, `IST-DASLab/sparsegpt/sparsegpt.py:48-170`): a pruned
+    entry becomes 0 instead of its rounding and its whole value is the error pushed onto the
+    later inputs. `prune`: a sparsity s (each block's mask chosen adaptively when the sweep
+    reaches it, `_adaptive_prune`) or (n, m) (n of every m consecutive inputs per row, chosen at
+    each run's first input, `_n_m_prune`); `keep` [N, P]: a fixed mask instead (OBR-GPTQ).
     """
     u = cfg.uniform
     rows, padded = wt.shape
@@ -83,7 +107,7 @@ def gptq_sweep(wt: jax.Array, hinv: jax.Array, perm: jax.Array, cfg: GPTQConfig,
     zero = _empty_zero(u, (rows, n_groups))
 
     def block_step(b, carry):
-        w, codes, scale, zero = carry
+        w, codes, scale, zero, kept = carry
         start = b * block
         if dynamic:
             def refit(grids):
@@ -96,9 +120,21 @@ def gptq_sweep(wt: jax.Array, hinv: jax.Array, perm: jax.Array, cfg: GPTQConfig,
             scale, zero = jax.lax.cond(start % group == 0, refit, lambda grids: grids, (scale, zero))
         w_block = jax.lax.dynamic_slice(w, (0, start), (rows, block))
         h_block = jax.lax.dynamic_slice(hinv, (start, start), (block, block))
+        diag = jnp.diag(h_block)
+        if keep is not None:
+            pruned = ~jax.lax.dynamic_slice(keep, (0, start), (rows, block))
+        elif isinstance(prune, float):
+            pruned = _adaptive_prune(w_block, diag, jax.lax.dynamic_slice(valid, (start,), (block,)), prune)
+        else:
+            pruned = jnp.zeros((rows, block), bool)
 
         def column_step(i, inner):
-            w_block, q_block, err_block = inner
+            w_block, q_block, err_block, pruned = inner
+            if isinstance(prune, tuple):
+                n, m = prune
+                run = lambda p: jax.lax.dynamic_update_slice(p, _n_m_prune(
+                    jax.lax.dynamic_slice(w_block, (0, i), (rows, m)), jax.lax.dynamic_slice(diag, (i,), (m,)), n), (0, i))
+                pruned = jax.lax.cond(i % m == 0, run, lambda p: p, pruned)
             j = start + i
             if dynamic:
                 g = j // group
@@ -110,19 +146,21 @@ def gptq_sweep(wt: jax.Array, hinv: jax.Array, perm: jax.Array, cfg: GPTQConfig,
                 z = None if z_all is None else jnp.broadcast_to(z_all[:, g], (rows,))
             col = w_block[:, i]
             q, deq = _quantize_column(col, s, z, u)
+            deq = jnp.where(pruned[:, i], 0.0, deq)
             err = (col - deq) / h_block[i, i]
             w_block = w_block - err[:, None] * h_block[i][None, :]  # rows < i of U are zero
-            return w_block, q_block.at[:, i].set(q), err_block.at[:, i].set(err)
+            return w_block, q_block.at[:, i].set(q), err_block.at[:, i].set(err), pruned
 
-        init = (w_block, jnp.zeros((rows, block), jnp.uint8), jnp.zeros((rows, block), w.dtype))
-        _, q_block, err_block = jax.lax.fori_loop(0, block, column_step, init)
+        init = (w_block, jnp.zeros((rows, block), jnp.uint8), jnp.zeros((rows, block), w.dtype), pruned)
+        _, q_block, err_block, pruned = jax.lax.fori_loop(0, block, column_step, init)
         w = w - err_block @ jax.lax.dynamic_slice(hinv, (start, 0), (block, padded))
         codes = jax.lax.dynamic_update_slice(codes, q_block, (0, start))
-        return w, codes, scale, zero
+        kept = jax.lax.dynamic_update_slice(kept, ~pruned, (0, start))
+        return w, codes, scale, zero, kept
 
-    init = (wt, jnp.zeros((rows, padded), jnp.uint8), scale, zero)
-    _, codes, scale, zero = jax.lax.fori_loop(0, padded // block, block_step, init)
-    return codes, scale, zero
+    init = (wt, jnp.zeros((rows, padded), jnp.uint8), scale, zero, jnp.ones((rows, padded), bool))
+    _, codes, scale, zero, kept = jax.lax.fori_loop(0, padded // block, block_step, init)
+    return codes, scale, zero, kept
 
 
 def _pad_to(n: int, multiple: int) -> int:
@@ -175,19 +213,38 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
     """GPTQ of weights that read the same input ([in, out_i] each, e.g. q/k/v) given their
     shared H [in, in]. Rows (outputs) are independent in GPTQ, so they are swept together:
     one damping/Cholesky and one column sweep for all. Per-tensor grids stay per weight."""
+    return sweep_weights(ws, hessian, cfg, name)[0]
+
+
+def sweep_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, name: str = "",
+                  prune: float | tuple[int, int] | None = None, keep: list[jax.Array] | None = None,
+                  grids: tuple[jax.Array, jax.Array | None] | None = None) -> tuple[list[UniformQ], list[jax.Array]]:
+    """`quantize_weights`, optionally pruning in the same sweep (`gptq_sweep`'s `prune`, or fixed
+    `keep` masks bool [in, out_i]) -> (formats, kept entries bool [in, out_i] of each weight).
+    grids: (scale, zero) [groups, out] in the stored layout of the concatenated weights: static
+    grids to round on instead of grids fit on `ws` (codes then stay in input order)."""
     if cfg.uniform.granularity == "tensor" and len(ws) > 1:
-        return [quantize_weights([w], hessian, cfg, name)[0] for w in ws]
+        parts = [sweep_weights([w], hessian, cfg, name, prune, None if keep is None else [k])
+                 for w, k in zip(ws, keep or [None] * len(ws))]
+        return [q for qs, _ in parts for q in qs], [k for _, ks in parts for k in ks]
     u = cfg.uniform
     in_features = ws[0].shape[0]
     w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
     wt, h, perm, alive = prepare(w, hessian, cfg)
     hinv = damped_inverse_factor(h, in_features, cfg, name)
     static = None
-    if u.granularity != "group" or cfg.static_groups:
+    if grids is not None:
+        static = (grids[0].T, None if grids[1] is None else grids[1].T)
+    elif u.granularity != "group" or cfg.static_groups:
         # one grid per row (channel), per tensor, or per original group: fit once on W
         fitted = rtn.quantize_weight(jnp.where(alive[:, None], w.astype(wt.dtype), 0.0), u)
         static = (fitted.scale.T, None if fitted.zero is None else fitted.zero.T)  # per row: [out, groups]
-    codes, scale, zero = gptq_sweep(wt, hinv, perm, cfg, in_features, static)
+    fixed = None
+    if keep is not None:
+        fixed = jnp.concatenate(keep, axis=1).T if len(keep) > 1 else keep[0].T
+        fixed = jnp.pad(fixed, ((0, 0), (0, wt.shape[1] - in_features)), constant_values=True)[:, perm]
+    codes, scale, zero, kept = gptq_sweep(wt, hinv, perm, cfg, in_features, static, prune, fixed)
+    kept = kept[:, jnp.argsort(perm)][:, :in_features].T  # [in, out] in input order
     group_size = u.group_size if u.granularity == "group" else in_features
     stored_perm = None
     if static is not None:
@@ -200,15 +257,16 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
         if cfg.act_order:
             stored_perm = perm[:in_features]
     codes, scale, zero = codes.T, scale.T, None if zero is None else zero.T  # stored layout: [in | groups, out]
-    out, lo = [], 0
+    out, masks, lo = [], [], 0
     for wi in ws:
         hi = lo + wi.shape[1]
         cols = slice(lo, hi) if scale.shape[1] > 1 else slice(None)
         out.append(UniformQ.from_codes(codes[:, lo:hi], scale[:, cols], None if zero is None else zero[:, cols],
                                        bits=u.bits, group_size=group_size, dtype=wi.dtype,
                                        zero_point=u.zero_point_mode, perm=stored_perm))
+        masks.append(kept[:, lo:hi])
         lo = hi
-    return out
+    return out, masks
 
 
 def quantize_weight(w: jax.Array, hessian: jax.Array, cfg: GPTQConfig, name: str = "") -> UniformQ:

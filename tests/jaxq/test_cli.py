@@ -196,8 +196,8 @@ def test_w4a4kv4_rotated_quantize_inspect_eval(tiny_llama_with_tokenizer, tmp_pa
     assert expected != pytest.approx(evaluate.perplexity(without, lm.params, str(text), ctx=32, windows=3,
                                                          progress=False), rel=1e-4)
     # re-quantizing into the same directory is the same model, not "another model"
-    code, _, err = run(capsys, "quantize", "--model", directory, "--bits", "4", "--group-size", "16", "--out", str(out_dir),
-                       "--json")
+    code, _, err = run(capsys, "quantize", "--model", directory, "--bits", "4", "--group-size", "16",
+                       "--out", str(out_dir), "--json")
     assert code == 0, err
 
 
@@ -206,6 +206,23 @@ def test_deployment_options_that_cannot_apply(tiny_llama_with_tokenizer, capsys)
     code, _, err = run(capsys, "quantize", "--model", directory, "--kv-clip-ratio", "0.8", "--rotate-seed", "3",
                        "--out", "o")
     assert code == 2
-    assert "--kv-clip-ratio does not apply without --kv-bits" in err and "--rotate-seed does not apply without --rotate" in err
+    assert "--kv-clip-ratio does not apply without --kv-bits" in err
+    assert "--rotate-seed does not apply without --rotate" in err
     code, _, err = run(capsys, "quantize", "--model", directory, "--a-bits", "5", "--out", "o")
     assert code == 2 and "activation bits=5 is not supported" in err
+
+
+def test_obr_2_4_on_a_rotated_w4a4kv4_model(tiny_llama_with_tokenizer, tmp_path, capsys):
+    """The pruning methods compose with the rotation and the runtime quantizers on the command line."""
+    directory, text = tiny_llama_with_tokenizer
+    out_dir = tmp_path / "obr"
+    code, out, err = run(capsys, "quantize", "--model", directory, "--method", "obr", "--sparsity", "2:4",
+                         "--rotate", "hadamard", "--a-bits", "4", "--kv-bits", "4", "--calib-data", str(text),
+                         "--calib-samples", "4", "--calib-len", "32", "--calib-step", "4", "--out", str(out_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out)["quant_config"]["rules"][-1]["settings"]["prune"] == [2, 4]
+    code, out, _ = run(capsys, "inspect", str(out_dir))
+    assert code == 0 and "pruned" in out and "2:4" in out
+    lm = checkpoint.load(out_dir).language_model()
+    kernel = lm.params["layers"][0]["mlp"]["down_proj"]["kernel"]
+    assert kernel.pattern == "2:4" and kernel.sparsity == 0.5

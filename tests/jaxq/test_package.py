@@ -14,7 +14,8 @@ HEAVY = ("jaxq.calibrate", "jaxq.evaluate", "jaxq.data", "jaxq.sharding", "jaxq.
 FIRST_IMPORTS = ("jaxq", "models", "kernels_pallas", "jaxq.ops", "jaxq.checkpoint", "jaxq.quantization",
                  "jaxq.calibrate", "jaxq.calibrate.resume", "jaxq.cli", "jaxq.evaluate", "jaxq.methods.awq",
                  "jaxq.methods.registry", "jaxq.method_options", "jaxq.formats.codebook", "models.llama",
-                 "models.config", "models.kv_cache", "jaxq.formats.kv", "jaxq.transforms.model_rotation")
+                 "models.config", "models.kv_cache", "jaxq.formats.kv", "jaxq.transforms.model_rotation",
+                 "jaxq.methods.obr", "jaxq.formats.pruned", "jaxq.calibrate.activation_ranges")
 
 
 def test_import_does_not_load_heavy_submodules():

@@ -1,0 +1,121 @@
+"""OBR's closed-form restorations (Guo, Li, Benini 2025, arXiv 2509.11177; reference
+`csguoh/OBR` `QuaRot/obr_utils.py:186-257`, summarised in REFERENCES §8.2), per output column.
+
+Conventions (Flax layout): W [K, N] = (in, out), y = x @ W, H [K, K] = (2/T) sum_t x_t^T x_t the
+input Hessian, already damped by the caller (H + 0.01 mean(diag H) I, dead inputs H_kk = 1) so
+that it is SPD. Column n of W (one output neuron) is w = W[:, n] [K]; the layer proxy loss
+sum_n dw_n^T H dw_n splits into independent per-column problems
+
+    min_D  1/2 D^T H D   with D fixed on a set F (D_F = d_F), free on the rest R:
+    D_R* = -H_RR^-1 H_RF d_F.
+
+Both corrections below are this problem for one choice of F, R and d_F.
+
+Fixed-shape masked form (REFERENCES §8.3). The sets vary per column, so instead of gathering the
+|R| x |R| block each column solves the full K x K system
+
+    M = diag(r) H diag(r) + diag(1 - r),    M x = r * b
+
+with r the 0/1 indicator of R: M is block-diagonal (H_RR on R, identity elsewhere), SPD when H
+is, and x = H_RR^-1 b_R on R, 0 off R. One Cholesky per column, vmapped over columns.
+
+Cost and memory: N * K^3 / 3 flops per call (K = N = 1536: ~1.2 TFLOP, minutes on 2 CPU cores).
+Columns are processed in chunks with `lax.map(..., batch_size=chunk)` (vmap inside a chunk,
+sequential across chunks), so the working set is ~2 * chunk * K^2 float32 (M and its factor),
+not N * K^2. The default chunk is min(64, max(1, 2^26 // K^2)): 64 for K <= 1024, 28 for K =
+1536 (~0.5 GiB of M + L). The gather form of §8.3 (|I| x |I| systems, |I| = K/2 at 50 %) is ~8x
+cheaper for pruning compensation but needs the same kept count in every column; the masked form
+works for any mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_CHUNK_BUDGET = 2 ** 26  # float32 entries of M per chunk (256 MiB)
+
+
+def default_chunk(k: int) -> int:
+    """Columns per vmapped chunk for K inputs: min(64, max(1, 2^26 // K^2))."""
+    return min(64, max(1, _CHUNK_BUDGET // (k * k)))
+
+
+def _masked_solve(h: jax.Array, r: jax.Array, b: jax.Array) -> jax.Array:
+    """x with x_R = H_RR^-1 b_R, x = 0 off R: h [K, K], r 0/1 float [K], b [K] -> [K]."""
+    m = r[:, None] * h * r[None, :] + jnp.diag(1.0 - r)
+    chol = jnp.linalg.cholesky(m)
+    return jax.scipy.linalg.cho_solve((chol, True), r * b)
+
+
+def _map_columns(fn, columns: tuple[jax.Array, ...], chunk: int | None) -> jax.Array:
+    """Apply fn to every column of the [K, N] arrays (chunked vmap) -> [K, N]."""
+    k, n = columns[0].shape
+    batch = min(n, chunk or default_chunk(k))
+    out = jax.lax.map(lambda cols: fn(*cols), tuple(c.T for c in columns), batch_size=batch)
+    return out.T
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def pruning_compensation(h: jax.Array, w: jax.Array, keep: jax.Array, chunk: int | None = None) -> jax.Array:
+    """OBR step 4 (`obr_utils.py:214-220`): prune and restore. h [K, K], w [K, N], keep bool [K, N] -> w' [K, N].
+
+    Per column, kept set I, pruned set Z: the pruned weights are removed (D_Z = -w_Z fixed) and
+    the kept ones move to minimise 1/2 D^T H D, giving D_I = -H_II^-1 H_IZ D_Z, i.e.
+
+        w'_Z = 0,    w'_I = w_I + H_II^-1 H_IZ w_Z     (sign: + because D_Z = -w_Z).
+
+    Masked form with k = keep: A = diag(k) H diag(k) + diag(1 - k), rhs = k * (H ((1 - k) * w)),
+    delta = A^-1 rhs (Cholesky), w' = k * (w + delta). Float32; `chunk` columns per vmapped batch
+    (see module docstring).
+    """
+    h = h.astype(jnp.float32)
+
+    def column(wc, kc):
+        kc = kc.astype(jnp.float32)
+        delta = _masked_solve(h, kc, h @ ((1.0 - kc) * wc))
+        return kc * (wc + delta)
+
+    return _map_columns(column, (w.astype(jnp.float32), keep), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def error_compensation(h: jax.Array, error: jax.Array, evict: jax.Array, retain: jax.Array,
+                       chunk: int | None = None) -> jax.Array:
+    """OBR step 5 (`obr_utils.py:228-236`): push a known error of the evicted set onto the retained set.
+
+    h [K, K], error [K, N], evict bool [K, N], retain bool [K, N] (disjoint per column) -> delta [K, N].
+
+    `error` is e = w' - Q(w') (OBR's sign), so quantizing E changes it by D_E = -e_E. The retained
+    weights then minimise 1/2 D^T H D with every entry outside E u R fixed at 0 (pruned entries
+    stay pruned): D_R = -H_RR^-1 H_RE D_E, i.e.
+
+        delta_R = H_RR^-1 H_RE e_E,    delta = 0 off R;    the caller applies w'_R += delta_R.
+
+    Only e on E is read. Masked form with r = retain: M = diag(r) H diag(r) + diag(1 - r),
+    M delta = r * (H (e * evict)) (Cholesky). Float32; `chunk` as in `pruning_compensation`.
+    """
+    h = h.astype(jnp.float32)
+
+    def column(ec, evc, rc):
+        rc = rc.astype(jnp.float32)
+        return _masked_solve(h, rc, h @ (ec * evc.astype(jnp.float32)))
+
+    return _map_columns(column, (error.astype(jnp.float32), evict, retain), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("alpha",))
+def split_early(keep: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """OBR's E2/R2 split of the kept set by input index: keep bool [K, N] -> (early, late) bool [K, N].
+
+    early = kept rows with index < alpha*K (E2, quantized first and compensated for), late =
+    kept rows with index >= alpha*K (R2, receives the compensation). The reference takes
+    `searchsorted(I, alpha*K)` on the sorted kept indices I (`obr_utils.py:227`), which is the
+    same strict `<` split; the paper's "first alpha proportion of R1 by count" differs per column
+    and equals this only in expectation. early | late == keep, early & late empty.
+    """
+    rows = jnp.arange(keep.shape[0])[:, None]
+    cut = rows < alpha * keep.shape[0]
+    return keep & cut, keep & ~cut

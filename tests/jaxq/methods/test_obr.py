@@ -1,0 +1,37 @@
+"""OBR on one layer: WANDA's mask kept exactly, the restorations lowering the layer's loss, and
+no zeroed rows where the reference's OBR-GPTQ zeroes them (K = 576, smollm2's hidden size)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxq.config import GPTQConfig, OBRConfig, UniformConfig, WandaConfig
+from jaxq.methods import obr, protocol, registry
+from tests.jaxq.methods.test_sparsegpt import problem, proxy_loss
+
+
+def run(config, w, h):
+    return registry.method(config).quantize([w], {protocol.Hessian(): h}, "layer")[0]
+
+
+@pytest.mark.parametrize("prune", [0.5, (2, 4)])
+def test_obr_keeps_wandas_mask_and_restores_what_it_removed(prune, rng):
+    x, h, w = problem(rng, k=576, n=32)
+    grid = UniformConfig(bits=4, granularity="channel", symmetric=True)
+    wanda = run(WandaConfig(uniform=grid, prune=prune), w, h)
+    losses = {"wanda": proxy_loss(x, wanda.dequantize(jnp.float32), w)}
+    for kind in ("rtn", "gptq"):
+        restored = run(OBRConfig(gptq=GPTQConfig(uniform=grid), prune=prune, rounding=kind), w, h)
+        np.testing.assert_array_equal(np.asarray(restored.keep_mask()), np.asarray(wanda.keep_mask()))
+        dense = np.asarray(restored.dequantize(jnp.float32))
+        alive = np.asarray(restored.keep_mask()).any(axis=1)  # WANDA prunes low-norm inputs everywhere
+        assert np.all(np.abs(dense[alive]).sum(axis=1) > 0)  # no zeroed rows (the reference's trap at 576)
+        losses[kind] = proxy_loss(x, dense, w)
+    assert losses["gptq"] < losses["rtn"] < 0.7 * losses["wanda"], losses
+
+
+def test_the_late_part_starts_at_a_group_boundary():
+    assert obr.boundary(576, 0.5, 576) == 288          # per channel: alpha * K
+    assert obr.boundary(576, 0.5, 128) == 256          # g128: the nearest group boundary
+    assert obr.boundary(1536, 0.5, 128) == 768
+    assert obr.boundary(256, 0.1, 128) == 128          # at least one group on each side
