@@ -518,11 +518,12 @@ def sparsity_pattern(text: str) -> float | tuple[int, int]:
             n, m = (int(part) for part in text.split(":"))
         except ValueError:
             raise ConfigError(f"sparsity {text!r}: an N:M pattern is two integers, e.g. 2:4") from None
-        return n, m
+        return check_prune((n, m))
     try:
-        return fraction(text)
+        value = fraction(text.replace(" ", ""))
     except ValueError:
         raise ConfigError(f"sparsity {text!r}: expected a fraction (0.5, 50%) or an N:M pattern (2:4)") from None
+    return check_prune(value)
 
 
 def check_prune(value: Any) -> float | tuple[int, int]:
@@ -531,7 +532,7 @@ def check_prune(value: Any) -> float | tuple[int, int]:
         if len(value) != 2 or not all(isinstance(v, int) for v in value) or not 0 < value[0] < value[1]:
             raise ConfigError(f"sparsity {value!r}: an N:M pattern needs integers 0 < N < M, e.g. 2:4")
         return tuple(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:  # NaN too
         raise ConfigError(f"sparsity {value!r}: the pruned fraction must be in (0, 1), e.g. 0.5")
     return float(value)
 

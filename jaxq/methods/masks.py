@@ -15,9 +15,7 @@ is the same stable rule. NaN scores sort last (they are kept); callers should no
 from __future__ import annotations
 
 import functools
-import math
 import operator
-import re
 
 import jax
 import jax.numpy as jnp
@@ -83,36 +81,3 @@ def n_m_keep(scores: jax.Array, n: int, m: int) -> jax.Array:
         raise ValueError(f"N:M sparsity {n}:{m}: K = {k} input rows is not a multiple of m = {m}")
     groups = scores.reshape(k // m, m, cols)
     return (_stable_ranks(groups, axis=1) >= n).reshape(k, cols)
-
-
-_N_M = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_sparsity(text: str) -> float | tuple[int, int]:
-    """'0.5' -> 0.5, '50%' -> 0.5, '2:4' -> (2, 4).
-
-    A fraction must lie strictly in (0, 1); N:M needs integers 1 <= n < m. Anything else raises a
-    ValueError that quotes the text.
-    """
-    s = text.strip()
-    if ":" in s:
-        match = _N_M.match(s)
-        if not match:
-            raise ValueError(f"sparsity {text!r}: N:M form needs two integers, e.g. '2:4'")
-        n, m = int(match.group(1)), int(match.group(2))
-        if not 1 <= n < m:
-            raise ValueError(f"sparsity {text!r}: N:M needs 1 <= n < m (prune n of every m), e.g. '2:4'")
-        return n, m
-    percent = s.endswith("%")
-    number = s[:-1].strip() if percent else s
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"sparsity {text!r}: expected a fraction ('0.5'), a percentage ('50%') "
-                         f"or N:M ('2:4')") from None
-    if percent:
-        value /= 100.0
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
-        raise ValueError(f"sparsity {text!r}: the pruned fraction must be strictly between 0 and 1 "
-                         f"(0 and 100%)")
-    return value

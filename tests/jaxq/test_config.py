@@ -1,5 +1,6 @@
 import pytest
 
+from jaxq import config
 from jaxq.config import ConfigError, QuantConfig, Rule, UniformConfig
 
 
@@ -36,3 +37,16 @@ def test_first_matching_rule_wins():
     assert cfg.method_for("layers/0/mlp/up_proj/kernel") is None
     assert cfg.method_for("layers/1/mlp/up_proj/kernel").bits == 3
     assert cfg.method_for("embed_tokens/embedding") is None
+
+
+@pytest.mark.parametrize("text,value", [("0.5", 0.5), ("50%", 0.5), (" 25 % ", 0.25), ("0.7", 0.7),
+                                        ("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 4 ", (1, 4))])
+def test_sparsity_pattern(text, value):
+    assert config.sparsity_pattern(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "1.2", "1", "100%", "0%", "-0.5", "nan", "4:2", "4:4", "0:4",
+                                  "a:b", "2:4:8", "abc", ""])
+def test_sparsity_pattern_errors(text):
+    with pytest.raises(ConfigError, match="sparsity"):
+        config.sparsity_pattern(text)

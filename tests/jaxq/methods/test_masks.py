@@ -121,16 +121,3 @@ def test_scores():
     np.testing.assert_array_equal(np.asarray(masks.unstructured_keep(s, 0.5)),
                                   np.asarray(masks.unstructured_keep(s_h, 0.5)))
     np.testing.assert_array_equal(np.asarray(masks.n_m_keep(s, 2, 4)), np.asarray(masks.n_m_keep(s_h, 2, 4)))
-
-
-@pytest.mark.parametrize("text,value", [("0.5", 0.5), ("50%", 0.5), (" 25 % ", 0.25), ("0.7", 0.7),
-                                        ("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 4 ", (1, 4))])
-def test_parse_sparsity(text, value):
-    assert masks.parse_sparsity(text) == value
-
-
-@pytest.mark.parametrize("text", ["0", "1.2", "1", "100%", "0%", "-0.5", "nan", "4:2", "4:4", "0:4",
-                                  "a:b", "2:4:8", "abc", ""])
-def test_parse_sparsity_errors(text):
-    with pytest.raises(ValueError, match="sparsity"):
-        masks.parse_sparsity(text)
