@@ -29,6 +29,14 @@ G = jaxq.config.GPTQConfig
 A = jaxq.config.AWQConfig
 W4, W3 = U(bits=4, group_size=128), U(bits=3, group_size=128)
 QUAROT_W4 = U(bits=4, granularity="channel", symmetric=True, calibration="mse", mse_norm=2.4)
+PRUNE_TARGETS = (("50%", 0.5), ("2:4", (2, 4)))
+PRUNING = {  # method name -> (grid, pruning target) -> config
+    "magnitude": lambda u, prune: jaxq.MagnitudeConfig(uniform=u, prune=prune),
+    "wanda": lambda u, prune: jaxq.WandaConfig(uniform=u, prune=prune),
+    "sparsegpt": lambda u, prune: jaxq.SparseGPTConfig(gptq=G(uniform=u), prune=prune),
+    "obr-rtn": lambda u, prune: jaxq.OBRConfig(gptq=G(uniform=u), prune=prune, rounding="rtn"),
+    "obr-gptq": lambda u, prune: jaxq.OBRConfig(gptq=G(uniform=u), prune=prune),
+}
 VARIANTS = {
     "fp": None,
     "w4 g32 float-offset minmax": U(bits=4, group_size=32, zero_point="float"),
@@ -91,6 +99,13 @@ VARIANTS = {
        for w, a, k, name, method in ((16, 16, 16, "", None), (16, 16, 4, "", None), (16, 4, 16, "", None),
                                      (4, 4, 4, "rtn", QUAROT_W4), (4, 4, 4, "gptq", G(uniform=QUAROT_W4)))
        for rotate in ("none", "hadamard") if (w, a, k, rotate) != (16, 16, 16, "none")},
+    # OBR's tables (issue 18), 50% unstructured or 2:4: weight-only W4 g128, and rotated W4A4KV4 on QuaRot's grid
+    **{f"w4 g128 {target} {method}": make(W4, prune) for target, prune in PRUNE_TARGETS
+       for method, make in PRUNING.items()},
+    **{f"w4a4kv4 {target} {method} rotated": jaxq.QuantConfig(
+        rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, PRUNING[method](QUAROT_W4, prune)),), rotate="hadamard",
+        activations=jaxq.ActivationConfig(bits=4), kv_cache=jaxq.KVCacheConfig(bits=4))
+       for target, prune in PRUNE_TARGETS for method in ("wanda", "sparsegpt", "obr-gptq")},
     # the survey's static activation ranges against dynamic per-token ones, 8-bit inputs of the rotated model
     **{f"w16a8kv16 {calibration} rotated": jaxq.QuantConfig(
         rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, None),), rotate="hadamard",

@@ -29,7 +29,7 @@ from jaxq.formats import groups
 from jaxq.formats.pruned import Pruned
 from jaxq.formats.uniform import UniformQ
 from jaxq.methods import gptq, masks, protocol, registry, restoration, rtn
-from jaxq.methods.pruning import keep_mask, pattern
+from jaxq.methods.pruning import keep_mask, kept_per_column, pattern
 
 
 def encode_on_grid(w: jax.Array, scale: jax.Array, zero: jax.Array | None, uniform: UniformConfig,
@@ -71,11 +71,12 @@ def restored_weights(w: jax.Array, hessian: jax.Array, cfg: OBRConfig,
     grids = rtn.quantize_weight(w, u)
     keep = keep_mask(masks.wanda_scores(w, jnp.diag(h)), cfg.prune)
     h = h + cfg.gptq.damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
-    restored = restoration.pruning_compensation(h, w, keep)
+    kept = kept_per_column(w.shape[0], cfg.prune)  # every column keeps as many: gathered solves
+    restored = restoration.pruning_compensation(h, w, keep, kept=kept)
     error = restored - decode_on_grid(encode_on_grid(restored, grids.scale, grids.zero, u, grids.group_size),
                                       grids.scale, grids.zero, u, grids.group_size)
     early, late = restoration.split_early(keep, start / w.shape[0])
-    restored = restored + restoration.error_compensation(h, error, early, late)
+    restored = restored + restoration.error_compensation(h, error, early, late, kept=kept)
     return restored, keep, grids
 
 

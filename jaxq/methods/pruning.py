@@ -26,6 +26,13 @@ def keep_mask(scores: jax.Array, prune: float | tuple[int, int]) -> jax.Array:
     return masks.unstructured_keep(scores, prune)
 
 
+def kept_per_column(k: int, prune: float | tuple[int, int]) -> int:
+    """How many of a column's k inputs `keep_mask` keeps (the same in every column)."""
+    if isinstance(prune, tuple):
+        return k // prune[1] * (prune[1] - prune[0])
+    return k - masks.pruned_count(k, prune)
+
+
 def pattern(prune: float | tuple[int, int]) -> str:
     """The `Pruned` format's pattern name of a pruning target."""
     return describe_prune(prune) if isinstance(prune, tuple) else UNSTRUCTURED

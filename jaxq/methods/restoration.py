@@ -23,9 +23,9 @@ Cost and memory: N * K^3 / 3 flops per call (K = N = 1536: ~1.2 TFLOP, minutes o
 Columns are processed in chunks with `lax.map(..., batch_size=chunk)` (vmap inside a chunk,
 sequential across chunks), so the working set is ~2 * chunk * K^2 float32 (M and its factor),
 not N * K^2. The default chunk is min(64, max(1, 2^26 // K^2)): 64 for K <= 1024, 28 for K =
-1536 (~0.5 GiB of M + L). The gather form of §8.3 (|I| x |I| systems, |I| = K/2 at 50 %) is ~8x
-cheaper for pruning compensation but needs the same kept count in every column; the masked form
-works for any mask.
+1536 (~0.5 GiB of M + L). With `kept` (every column keeps that many entries, as WANDA's masks do)
+the systems are gathered to the kept block, |I| x |I| (|I| = K/2 at 50 %: ~8x cheaper; §8.3's
+gather form), the masked form then only marking R inside it; without, any mask works.
 """
 
 from __future__ import annotations
@@ -50,16 +50,28 @@ def _masked_solve(h: jax.Array, r: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((chol, True), r * b)
 
 
-def _map_columns(fn, columns: tuple[jax.Array, ...], chunk: int | None) -> jax.Array:
+def _solve_on_kept(h: jax.Array, r: jax.Array, b: jax.Array, keep: jax.Array, kept: int | None) -> jax.Array:
+    """`_masked_solve` (R within the column's kept set), on the kept set's |I| x |I| block when
+    every column keeps the same `kept` entries (the gather form of REFERENCES §8.3, ~(K/|I|)^3
+    times cheaper; R = I makes it a plain solve), else on the full K x K system."""
+    if kept is None:
+        return _masked_solve(h, r, b)
+    idx = jnp.argsort(~keep, stable=True)[:kept]  # the kept inputs, ascending
+    x = _masked_solve(h[idx][:, idx], r[idx], b[idx])
+    return jnp.zeros_like(b).at[idx].set(x)
+
+
+def _map_columns(fn, columns: tuple[jax.Array, ...], chunk: int | None, kept: int | None = None) -> jax.Array:
     """Apply fn to every column of the [K, N] arrays (chunked vmap) -> [K, N]."""
     k, n = columns[0].shape
-    batch = min(n, chunk or default_chunk(k))
+    batch = min(n, chunk or default_chunk(kept or k))
     out = jax.lax.map(lambda cols: fn(*cols), tuple(c.T for c in columns), batch_size=batch)
     return out.T
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def pruning_compensation(h: jax.Array, w: jax.Array, keep: jax.Array, chunk: int | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("chunk", "kept"))
+def pruning_compensation(h: jax.Array, w: jax.Array, keep: jax.Array, chunk: int | None = None,
+                         kept: int | None = None) -> jax.Array:
     """OBR step 4 (`obr_utils.py:214-220`): prune and restore. h [K, K], w [K, N], keep bool [K, N] -> w' [K, N].
 
     Per column, kept set I, pruned set Z: the pruned weights are removed (D_Z = -w_Z fixed) and
@@ -69,21 +81,22 @@ def pruning_compensation(h: jax.Array, w: jax.Array, keep: jax.Array, chunk: int
 
     Masked form with k = keep: A = diag(k) H diag(k) + diag(1 - k), rhs = k * (H ((1 - k) * w)),
     delta = A^-1 rhs (Cholesky), w' = k * (w + delta). Float32; `chunk` columns per vmapped batch
-    (see module docstring).
+    (see module docstring); `kept`: the number of kept entries when every column has that many
+    (WANDA's masks: K - floor(sK), or K (M - N) / M), for the gathered |I| x |I| solves.
     """
     h = h.astype(jnp.float32)
 
     def column(wc, kc):
-        kc = kc.astype(jnp.float32)
-        delta = _masked_solve(h, kc, h @ ((1.0 - kc) * wc))
-        return kc * (wc + delta)
+        kf = kc.astype(jnp.float32)
+        delta = _solve_on_kept(h, kf, h @ ((1.0 - kf) * wc), kc, kept)
+        return kf * (wc + delta)
 
-    return _map_columns(column, (w.astype(jnp.float32), keep), chunk)
+    return _map_columns(column, (w.astype(jnp.float32), keep), chunk, kept)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
+@functools.partial(jax.jit, static_argnames=("chunk", "kept"))
 def error_compensation(h: jax.Array, error: jax.Array, evict: jax.Array, retain: jax.Array,
-                       chunk: int | None = None) -> jax.Array:
+                       chunk: int | None = None, kept: int | None = None) -> jax.Array:
     """OBR step 5 (`obr_utils.py:228-236`): push a known error of the evicted set onto the retained set.
 
     h [K, K], error [K, N], evict bool [K, N], retain bool [K, N] (disjoint per column) -> delta [K, N].
@@ -95,15 +108,16 @@ def error_compensation(h: jax.Array, error: jax.Array, evict: jax.Array, retain:
         delta_R = H_RR^-1 H_RE e_E,    delta = 0 off R;    the caller applies w'_R += delta_R.
 
     Only e on E is read. Masked form with r = retain: M = diag(r) H diag(r) + diag(1 - r),
-    M delta = r * (H (e * evict)) (Cholesky). Float32; `chunk` as in `pruning_compensation`.
+    M delta = r * (H (e * evict)) (Cholesky). Float32; `chunk` as in `pruning_compensation`;
+    `kept`: every column's |E u R| when it is the same (solved on that block, gathered).
     """
     h = h.astype(jnp.float32)
 
     def column(ec, evc, rc):
-        rc = rc.astype(jnp.float32)
-        return _masked_solve(h, rc, h @ (ec * evc.astype(jnp.float32)))
+        rf = rc.astype(jnp.float32)
+        return _solve_on_kept(h, rf, h @ (ec * evc.astype(jnp.float32)), evc | rc, kept)
 
-    return _map_columns(column, (error.astype(jnp.float32), evict, retain), chunk)
+    return _map_columns(column, (error.astype(jnp.float32), evict, retain), chunk, kept)
 
 
 @functools.partial(jax.jit, static_argnames=("alpha",))

@@ -153,3 +153,20 @@ def test_split_early_partitions_kept_set(alpha):
         cut = np.searchsorted(i, alpha * K)
         np.testing.assert_array_equal(np.flatnonzero(early[:, c]), i[:cut])
         np.testing.assert_array_equal(np.flatnonzero(late[:, c]), i[cut:])
+
+
+def test_gathered_solves_equal_the_masked_form():
+    """Every WANDA column keeps K/2 entries: the |I| x |I| gathered systems give the same
+    restorations as the K x K masked ones (float32, 1e-4: two Cholesky factorisations of
+    the same SPD block, different summation order)."""
+    _, h, w, keep = make_problem(seed=7)
+    kept = int(keep.sum(0)[0])
+    assert (keep.sum(0) == kept).all()
+    h32, w32 = h.astype(np.float32), w.astype(np.float32)
+    masked = np.asarray(restoration.pruning_compensation(h32, w32, keep))
+    gathered = np.asarray(restoration.pruning_compensation(h32, w32, keep, kept=kept))
+    assert relative(gathered, masked) < 1e-4
+    early, late = (np.asarray(a) for a in restoration.split_early(keep, 0.5))
+    e = (rtn_error(masked) * keep).astype(np.float32)
+    assert relative(np.asarray(restoration.error_compensation(h32, e, early, late, kept=kept)),
+                    np.asarray(restoration.error_compensation(h32, e, early, late))) < 1e-4
