@@ -474,7 +474,7 @@ class SqueezeLLMConfig:
     sparsity: float = setting(0.0, "fraction of each matrix kept as sparse fp16 entries, e.g. 0.45%% (paper), at "
                                    "most 10%%", option="sparse", parse=fraction)
     sensitive: float | None = setting(None, "fraction of each matrix kept sparse for its Fisher information, part "
-                                            "of --sparsity (default: a ninth of it, the paper's 0.05%% of 0.45%%)",
+                                            "of --sparse (default: a ninth of it, the paper's 0.05%% of 0.45%%)",
                                       parse=fraction)
     max_iterations: int = setting(50, "Lloyd iterations per column at most (fewer when no assignment changes)")
 
@@ -541,7 +541,8 @@ def describe_prune(value: float | tuple[int, int]) -> str:
     return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else f"{value:.0%}"
 
 
-PRUNE_HELP = "pruned fraction of every output column (0.5, 50%%) or N:M (2:4: 2 of every 4 inputs)"
+PRUNE_HELP = ("pruned fraction (0.5, 50%%; per output column, for sparsegpt per block of inputs) or N:M "
+              "(2:4: 2 of every 4 consecutive inputs pruned)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,6 +632,8 @@ class OBRConfig:
             raise ConfigError(f"obr alpha={self.alpha} must be in (0, 1)")
         if self.gptq.act_order:
             raise ConfigError("obr sweeps the inputs in order (act_order=False)")
+        if self.gptq.uniform.granularity == "tensor":
+            raise ConfigError("obr fits one grid per output channel or group; granularity='tensor' is not supported")
 
     def describe(self) -> str:
         return f"obr-{self.rounding} {describe_prune(self.prune)} alpha {self.alpha:g} + {self.gptq.describe()}"

@@ -40,10 +40,21 @@ class Option:
         if origin is Literal:
             kwargs = {"choices": args, "type": type(args[0])}
         elif self.parse is not None:
-            kwargs = {"type": self.parse}
+            kwargs = {"type": _argument_type(self.parse), "metavar": self.flags[0].lstrip("-").upper()}
         else:
             kwargs = {"type": next(a for a in args if a is not type(None)) if args else self.kind}
         parser.add_argument(*self.flags, dest=self.dest, default=None, help=self.help + defaults, **kwargs)
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """parse, with its error message shown by argparse (which replaces a ValueError's by its own)."""
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    typed.__name__ = parse.__name__
+    return typed
 
 
 def config_options(cls: type, defaults: Any = None) -> list[Option]:

@@ -218,12 +218,17 @@ def quantize_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, n
 
 def sweep_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, name: str = "",
                   prune: float | tuple[int, int] | None = None, keep: list[jax.Array] | None = None,
-                  grids: tuple[jax.Array, jax.Array | None] | None = None) -> tuple[list[UniformQ], list[jax.Array]]:
+                  grids: tuple[jax.Array, jax.Array | None] | None = None,
+                  inverse_factor: jax.Array | None = None) -> tuple[list[UniformQ], list[jax.Array]]:
     """`quantize_weights`, optionally pruning in the same sweep (`gptq_sweep`'s `prune`, or fixed
     `keep` masks bool [in, out_i]) -> (formats, kept entries bool [in, out_i] of each weight).
     grids: (scale, zero) [groups, out] in the stored layout of the concatenated weights: static
-    grids to round on instead of grids fit on `ws` (codes then stay in input order)."""
+    grids to round on instead of grids fit on `ws` (codes then stay in input order). inverse_factor
+    [in, in]: the upper Cholesky factor of the damped H^-1 to sweep with (act-order off), instead of
+    damping `hessian` here."""
     if cfg.uniform.granularity == "tensor" and len(ws) > 1:
+        if grids is not None or inverse_factor is not None:
+            raise ValueError("fixed grids or a given inverse factor need per-channel or group grids")
         parts = [sweep_weights([w], hessian, cfg, name, prune, None if keep is None else [k])
                  for w, k in zip(ws, keep or [None] * len(ws))]
         return [q for qs, _ in parts for q in qs], [k for _, ks in parts for k in ks]
@@ -231,7 +236,10 @@ def sweep_weights(ws: list[jax.Array], hessian: jax.Array, cfg: GPTQConfig, name
     in_features = ws[0].shape[0]
     w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
     wt, h, perm, alive = prepare(w, hessian, cfg)
-    hinv = damped_inverse_factor(h, in_features, cfg, name)
+    if inverse_factor is None:
+        hinv = damped_inverse_factor(h, in_features, cfg, name)
+    else:  # the padded inputs' factor is the identity, as for the padded H `prepare` builds
+        hinv = jnp.eye(h.shape[0], dtype=h.dtype).at[:in_features, :in_features].set(inverse_factor)
     static = None
     if grids is not None:
         static = (grids[0].T, None if grids[1] is None else grids[1].T)

@@ -10,8 +10,8 @@
      split is rounded to a group boundary, `boundary`);
   6. `rounding="rtn"` (OBR_RTN): every entry rounded on the dense grids. `rounding="gptq"` (OBR_GPTQ):
      inputs before alpha * K rounded, the rest swept by GPTQ with the mask fixed (pruned entries
-     0, their error propagated) on their own Hessian H[R, R] (damped by the sweep, 1% of its own
-     mean diagonal), on the same dense grids.
+     0, their error propagated) on their Hessian H[R, R] damped as the whole (the trailing block
+     of the full damped H^-1's Cholesky factor, as the reference slices it), on the same dense grids.
 The reference's split of the GPTQ part at a hard-coded 0.5 * K (and its zeroed rows when
 alpha * K is not a multiple of 128) is not reproduced: the sweep pads what it needs.
 """
@@ -52,17 +52,19 @@ def decode_on_grid(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, u
 
 def boundary(k: int, alpha: float, group_size: int) -> int:
     """First input of the late part: alpha * K rounded up to a whole input, and to the nearest
-    group boundary when grids are per group (smollm2 at g128: K = 576 -> 256, not 288), so that
-    GPTQ's part starts a group."""
+    group boundary (halves up) when grids are per group (smollm2 at g128: K = 576 -> 256, not 288),
+    so that GPTQ's part starts a group."""
     if group_size >= k:
         return math.ceil(alpha * k)
-    return min(max(round(alpha * k / group_size), 1), -(-k // group_size) - 1) * group_size
+    nearest = math.floor(alpha * k / group_size + 0.5)  # halves round up
+    return min(max(nearest, 1), -(-k // group_size) - 1) * group_size
 
 
 def restored_weights(w: jax.Array, hessian: jax.Array, cfg: OBRConfig,
-                     start: int) -> tuple[jax.Array, jax.Array, UniformQ]:
+                     start: int) -> tuple[jax.Array, jax.Array, UniformQ, jax.Array]:
     """Steps 1-5 on w [K, N] (the concatenated weights of one input; E = kept inputs < start) ->
-    (restored w [K, N] float32, keep bool [K, N], the dense grids as a UniformQ of w)."""
+    (restored w [K, N] float32, keep bool [K, N], the dense grids as a UniformQ of w, the damped
+    Hessian [K, K])."""
     u = cfg.gptq.uniform
     w = w.astype(jnp.float32)
     dead = jnp.diag(hessian) == 0
@@ -75,9 +77,9 @@ def restored_weights(w: jax.Array, hessian: jax.Array, cfg: OBRConfig,
     restored = restoration.pruning_compensation(h, w, keep, kept=kept)
     error = restored - decode_on_grid(encode_on_grid(restored, grids.scale, grids.zero, u, grids.group_size),
                                       grids.scale, grids.zero, u, grids.group_size)
-    early, late = restoration.split_early(keep, start / w.shape[0])
+    early, late = restoration.split_early(keep, start)
     restored = restored + restoration.error_compensation(h, error, early, late, kept=kept)
-    return restored, keep, grids
+    return restored, keep, grids, h
 
 
 class OBR(protocol.Method):
@@ -94,13 +96,15 @@ class OBR(protocol.Method):
         w = jnp.concatenate(kernels, axis=1) if len(kernels) > 1 else kernels[0]
         k = w.shape[0]
         start = boundary(k, cfg.alpha, u.rows_per_group(k) if u.granularity != "tensor" else k)
-        restored, keep, grids = restored_weights(w, hessian, cfg, start)
+        restored, keep, grids, damped = restored_weights(w, hessian, cfg, start)
         codes = encode_on_grid(restored, grids.scale, grids.zero, u, grids.group_size)
         if cfg.rounding == "gptq":
             first_group = start // grids.group_size if u.granularity == "group" else 0
             late_grids = (grids.scale[first_group:], None if grids.zero is None else grids.zero[first_group:])
+            # U's trailing block is the factor of H_RR^-1 under the full damping: the reference's sweep
+            factor = gptq.upper_cholesky_of_inverse(damped)[start:, start:]
             late, _ = gptq.sweep_weights([restored[start:]], hessian[start:, start:], cfg.gptq, name,
-                                         keep=[keep[start:]], grids=late_grids)
+                                         keep=[keep[start:]], grids=late_grids, inverse_factor=factor)
             codes = codes.at[start:].set(late[0].stored_codes())
         out, lo = [], 0
         for kernel in kernels:

@@ -120,16 +120,16 @@ def error_compensation(h: jax.Array, error: jax.Array, evict: jax.Array, retain:
     return _map_columns(column, (error.astype(jnp.float32), evict, retain), chunk, kept)
 
 
-@functools.partial(jax.jit, static_argnames=("alpha",))
-def split_early(keep: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("start",))
+def split_early(keep: jax.Array, start: int) -> tuple[jax.Array, jax.Array]:
     """OBR's E2/R2 split of the kept set by input index: keep bool [K, N] -> (early, late) bool [K, N].
 
-    early = kept rows with index < alpha*K (E2, quantized first and compensated for), late =
-    kept rows with index >= alpha*K (R2, receives the compensation). The reference takes
-    `searchsorted(I, alpha*K)` on the sorted kept indices I (`obr_utils.py:227`), which is the
-    same strict `<` split; the paper's "first alpha proportion of R1 by count" differs per column
-    and equals this only in expectation. early | late == keep, early & late empty.
+    early = kept rows with index < start (E2, quantized first and compensated for), late = kept
+    rows with index >= start (R2, receives the compensation); the reference's start is alpha * K,
+    `searchsorted(I, alpha*K)` on the sorted kept indices I (`obr_utils.py:227`), the same split;
+    the paper's "first alpha proportion of R1 by count" differs per column and equals this only
+    in expectation. An integer start: no float comparison of alpha * K against row indices.
+    early | late == keep, early & late empty.
     """
-    rows = jnp.arange(keep.shape[0])[:, None]
-    cut = rows < alpha * keep.shape[0]
+    cut = jnp.arange(keep.shape[0])[:, None] < start
     return keep & cut, keep & ~cut

@@ -35,3 +35,18 @@ def test_the_late_part_starts_at_a_group_boundary():
     assert obr.boundary(576, 0.5, 128) == 256          # g128: the nearest group boundary
     assert obr.boundary(1536, 0.5, 128) == 768
     assert obr.boundary(256, 0.1, 128) == 128          # at least one group on each side
+    assert obr.boundary(640, 0.5, 128) == obr.boundary(896, 0.5, 128) - 128 == 384  # halves round up
+
+
+def test_obr_on_g128_grids_with_linears_sharing_an_input(rng):
+    """smollm2's q/k/v shapes at g128: the GPTQ part starts at the group boundary 256 (alpha * K
+    = 288 falls inside group 2), on the dense weights' group grids; each kernel keeps its mask."""
+    x, h, w = problem(rng, k=576, n=48)
+    grid = UniformConfig(bits=4, group_size=128)
+    kernels = [w[:, :32], w[:, 32:]]
+    stats = {protocol.Hessian(): h}
+    restored = registry.method(OBRConfig(gptq=GPTQConfig(uniform=grid))).quantize(kernels, stats, "attn")
+    wanda = registry.method(WandaConfig(uniform=grid)).quantize(kernels, stats, "attn")
+    for r, p, kernel in zip(restored, wanda, kernels):
+        np.testing.assert_array_equal(np.asarray(r.keep_mask()), np.asarray(p.keep_mask()))
+        assert proxy_loss(x, r.dequantize(jnp.float32), kernel) < 0.7 * proxy_loss(x, p.dequantize(jnp.float32), kernel)

@@ -1,6 +1,7 @@
 """OBR restorations (float32, masked K x K form) against float64 numpy gather forms, the
 stationarity conditions, a direct least-squares solve and the proxy loss."""
 
+import math
 import numpy as np
 import pytest
 
@@ -116,7 +117,7 @@ def rtn_error(w, bits=4):
 def test_error_compensation_gather_and_loss():
     _, h, w, keep = make_problem(seed=5)
     wp = gather_pruning(h, w, keep)
-    early, late = (np.asarray(a) for a in restoration.split_early(keep, 0.5))
+    early, late = (np.asarray(a) for a in restoration.split_early(keep, K // 2))
     e = rtn_error(wp) * keep
     delta = np.asarray(restoration.error_compensation(h.astype(np.float32), e.astype(np.float32), early, late),
                        np.float64)
@@ -142,7 +143,7 @@ def test_error_compensation_gather_and_loss():
 @pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0, 0.25, 1.0])
 def test_split_early_partitions_kept_set(alpha):
     _, _, _, keep = make_problem(seed=6)
-    early, late = (np.asarray(a) for a in restoration.split_early(keep, alpha))
+    early, late = (np.asarray(a) for a in restoration.split_early(keep, math.ceil(alpha * K)))
     assert early.dtype == bool and late.dtype == bool
     np.testing.assert_array_equal(early | late, keep)
     assert not (early & late).any()
@@ -166,7 +167,7 @@ def test_gathered_solves_equal_the_masked_form():
     masked = np.asarray(restoration.pruning_compensation(h32, w32, keep))
     gathered = np.asarray(restoration.pruning_compensation(h32, w32, keep, kept=kept))
     assert relative(gathered, masked) < 1e-4
-    early, late = (np.asarray(a) for a in restoration.split_early(keep, 0.5))
+    early, late = (np.asarray(a) for a in restoration.split_early(keep, K // 2))
     e = (rtn_error(masked) * keep).astype(np.float32)
     assert relative(np.asarray(restoration.error_compensation(h32, e, early, late, kept=kept)),
                     np.asarray(restoration.error_compensation(h32, e, early, late))) < 1e-4

@@ -64,3 +64,13 @@ def test_configs_that_cannot_sweep_are_refused():
         SparseGPTConfig(prune=(1, 3))
     with pytest.raises(ConfigError, match="in \\(0, 1\\)"):
         SparseGPTConfig(prune=1.0)
+
+
+def test_linears_sharing_an_input_keep_their_own_sparsity(rng):
+    """q/k/v share H, not a sparsity budget: a kernel of small weights is not pruned for another's."""
+    _, h, w = problem(rng)
+    method = registry.method(SparseGPTConfig(gptq=GPTQConfig(uniform=GRID, block_size=64), prune=0.5))
+    small, large = method.quantize([w * 0.2, w[:, :16]], {protocol.Hessian(): h}, "attn")
+    for pruned in (small, large):
+        keep = np.asarray(pruned.keep_mask())
+        assert (~keep[:64]).sum() == keep[:64].size // 2
