@@ -97,6 +97,7 @@ class OBR(protocol.Method):
         k = w.shape[0]
         start = boundary(k, cfg.alpha, u.rows_per_group(k) if u.granularity != "tensor" else k)
         restored, keep, grids, damped = restored_weights(w, hessian, cfg, start)
+        kept = kept_per_column(k, cfg.prune)
         codes = encode_on_grid(restored, grids.scale, grids.zero, u, grids.group_size)
         if cfg.rounding == "gptq":
             first_group = start // grids.group_size if u.granularity == "group" else 0
@@ -113,7 +114,7 @@ class OBR(protocol.Method):
             inner = UniformQ.from_codes(codes[:, lo:hi], grids.scale[:, cols],
                                         None if grids.zero is None else grids.zero[:, cols], bits=u.bits,
                                         group_size=grids.group_size, dtype=kernel.dtype, zero_point=u.zero_point_mode)
-            out.append(Pruned.from_mask(inner, keep[:, lo:hi], pattern(cfg.prune)))
+            out.append(Pruned.from_mask(inner, keep[:, lo:hi], pattern(cfg.prune), kept=kept))
             lo = hi
         return out
 

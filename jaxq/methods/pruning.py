@@ -40,7 +40,8 @@ def pattern(prune: float | tuple[int, int]) -> str:
 
 def pruned_rtn(w: jax.Array, keep: jax.Array, uniform: UniformConfig, prune: float | tuple[int, int]) -> Pruned:
     """w [K, N] rounded on grids fit on the dense w, then the entries outside keep [K, N] pruned."""
-    return Pruned.from_mask(rtn.quantize_weight(w, uniform), keep, pattern(prune))
+    return Pruned.from_mask(rtn.quantize_weight(w, uniform), keep, pattern(prune),
+                            kept=kept_per_column(w.shape[0], prune))
 
 
 class Magnitude(protocol.DataFreeMethod):

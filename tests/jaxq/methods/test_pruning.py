@@ -33,3 +33,14 @@ def test_wanda_weighs_each_input_by_its_activation_norm(rng):
     method = registry.method(WandaConfig(uniform=GRID, prune=0.5))
     keep = np.asarray(method.quantize([w], {protocol.Hessian(): jnp.diag(norms)}, "layer")[0].keep_mask())
     assert keep[:32].all() and not keep[32:].any()
+
+
+def test_per_channel_masks_store_only_the_kept_codes(rng):
+    """Every column keeps K - floor(sK): on a per-channel grid only those codes are stored."""
+    w = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
+    grid = UniformConfig(bits=4, granularity="channel")
+    pruned = registry.method(MagnitudeConfig(uniform=grid, prune=0.5)).quantize_weight(w)
+    assert pruned.compact and pruned.inner.shape == (32, 8)
+    dense = rtn.quantize_weight(w, grid).dequantize(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(pruned.dequantize(jnp.float32)),
+                                  np.where(np.asarray(pruned.keep_mask()), np.asarray(dense), 0.0))
