@@ -32,22 +32,23 @@ from jaxq.methods import gptq, masks, protocol, registry, restoration, rtn
 from jaxq.methods.pruning import keep_mask, kept_per_column, pattern
 
 
+def _entry_grids(scale: jax.Array, zero: jax.Array | None, group_size: int, k: int):
+    """Grids [groups, N] -> one grid per entry of a [K, N] weight, flattened: ([K*N], [K*N] or None)."""
+    expand = lambda a: groups.expand_rows(a, group_size, k).reshape(-1)
+    return expand(scale), None if zero is None else expand(zero)
+
+
 def encode_on_grid(w: jax.Array, scale: jax.Array, zero: jax.Array | None, uniform: UniformConfig,
                    group_size: int) -> jax.Array:
     """Codes uint8 [K, N] of w [K, N] on fixed grids (scale, zero) [groups, N]."""
-    k = w.shape[0]
-    s = groups.expand_rows(scale, group_size, k).reshape(-1)
-    z = None if zero is None else groups.expand_rows(zero, group_size, k).reshape(-1)
-    return rtn.encode(w.reshape(-1, 1), s, z, uniform).reshape(w.shape)
+    return rtn.encode(w.reshape(-1, 1), *_entry_grids(scale, zero, group_size, w.shape[0]), uniform).reshape(w.shape)
 
 
 def decode_on_grid(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, uniform: UniformConfig,
                    group_size: int) -> jax.Array:
     """Float32 values [K, N] of codes [K, N] on fixed grids [groups, N]."""
-    k = codes.shape[0]
-    s = groups.expand_rows(scale, group_size, k).reshape(-1)
-    z = None if zero is None else groups.expand_rows(zero, group_size, k).reshape(-1)
-    return rtn.decode(codes.reshape(-1, 1), s, z, uniform).reshape(codes.shape)
+    return rtn.decode(codes.reshape(-1, 1), *_entry_grids(scale, zero, group_size, codes.shape[0]),
+                      uniform).reshape(codes.shape)
 
 
 def boundary(k: int, alpha: float, group_size: int) -> int:
