@@ -41,8 +41,11 @@ def setting(default: Any, help: str, *, requires: dict[str, Any] | None = None, 
 
 def fraction(text: str) -> float:
     """A fraction as the command line gives it: "0.45%" -> 0.0045, "0.0045" -> 0.0045."""
-    text = text.strip()
-    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    stripped = text.strip()
+    try:
+        return float(stripped[:-1]) / 100 if stripped.endswith("%") else float(stripped)
+    except ValueError:
+        raise ValueError(f"expected a fraction such as 0.0045 or 0.45%, got {text!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
