@@ -15,8 +15,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.2.0"
-_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "ops",
-               "quantization", "report", "sharding")
+_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "mixed_precision",
+               "ops", "quantization", "report", "sharding")
 _FUNCTIONS = {"quantize": "quantization", "quantize_model": "quantization", "save": "checkpoint", "load": "checkpoint",
               "size_report": "report"}
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
 import jaxq
 import models
-from jaxq import calibrate, evaluate
+from jaxq import calibrate, evaluate, mixed_precision
 
 U = jaxq.UniformConfig
 G = jaxq.config.GPTQConfig
@@ -30,6 +33,18 @@ A = jaxq.config.AWQConfig
 W4, W3 = U(bits=4, group_size=128), U(bits=3, group_size=128)
 QUAROT_W4 = U(bits=4, granularity="channel", symmetric=True, calibration="mse", mse_norm=2.4)
 PRUNE_TARGETS = (("50%", 0.5), ("2:4", (2, 4)))
+
+
+def mixed_at_uniform_bytes(method: Any) -> Callable[[models.LanguageModel, calibrate.Calibration], jaxq.QuantConfig]:
+    """A variant built from the model: `method`'s layers at bits from {2, 3, 4, 8} allocated by
+    the Fisher information (`jaxq.mixed_precision`) within the bytes of `method` itself (its
+    uniform bits everywhere, as `size_report` counts them; GPTQ act-order's permutation, the same
+    4 bytes per input row either way, comes on top of both)."""
+    def build(lm, calib):
+        uniform = jaxq.size_report(jaxq.quantize(lm.params, mixed_precision.proxy_method(method)))
+        budget = 8 * uniform.quantized_bytes / sum(math.prod(w.shape) for w in uniform.quantized)
+        return mixed_precision.mixed_precision_config(lm, method, calib, budget)[0]
+    return build
 PRUNING = {  # method name -> (grid, pruning target) -> config
     "magnitude": lambda u, prune: jaxq.MagnitudeConfig(uniform=u, prune=prune),
     "wanda": lambda u, prune: jaxq.WandaConfig(uniform=u, prune=prune),
@@ -106,6 +121,9 @@ VARIANTS = {
         rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, PRUNING[method](QUAROT_W4, prune)),), rotate="hadamard",
         activations=jaxq.ActivationConfig(bits=4), kv_cache=jaxq.KVCacheConfig(bits=4))
        for target, prune in PRUNE_TARGETS for method in ("wanda", "sparsegpt", "obr-gptq")},
+    # the survey's mixed precision (issue 19): bits per layer at the bytes of the uniform 3-bit g128 rows
+    "rtn w3 g128 mixed": mixed_at_uniform_bytes(W3),
+    "gptq w3 g128 act-order mixed": mixed_at_uniform_bytes(G(uniform=W3, act_order=True)),
     # the survey's static activation ranges against dynamic per-token ones, 8-bit inputs of the rotated model
     **{f"w16a8kv16 {calibration} rotated": jaxq.QuantConfig(
         rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, None),), rotate="hadamard",
@@ -130,9 +148,11 @@ def main() -> None:
     for name, cfg in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        cfg = None if cfg is None else jaxq.quantization.as_quant_config(cfg)
-        data_aware = cfg is not None and jaxq.quantization.needs_calibration(cfg)
         start = time.perf_counter()
+        built = callable(cfg)
+        cfg = cfg(lm, calib) if built else cfg
+        cfg = None if cfg is None else jaxq.quantization.as_quant_config(cfg)
+        data_aware = cfg is not None and (built or jaxq.quantization.needs_calibration(cfg))
         quantized = lm if cfg is None else jaxq.quantize_model(lm, cfg, calib if data_aware else None)
         params = jax.block_until_ready(quantized.params)
         quantize_s = time.perf_counter() - start

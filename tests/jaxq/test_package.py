@@ -15,7 +15,8 @@ FIRST_IMPORTS = ("jaxq", "models", "kernels_pallas", "jaxq.ops", "jaxq.checkpoin
                  "jaxq.calibrate", "jaxq.calibrate.resume", "jaxq.cli", "jaxq.evaluate", "jaxq.methods.awq",
                  "jaxq.methods.registry", "jaxq.method_options", "jaxq.formats.codebook", "models.llama",
                  "models.config", "models.kv_cache", "jaxq.formats.kv", "jaxq.transforms.model_rotation",
-                 "jaxq.methods.obr", "jaxq.formats.pruned", "jaxq.calibrate.activation_ranges")
+                 "jaxq.methods.obr", "jaxq.formats.pruned", "jaxq.calibrate.activation_ranges",
+                 "jaxq.mixed_precision")
 
 
 def test_import_does_not_load_heavy_submodules():
