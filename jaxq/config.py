@@ -728,6 +728,33 @@ class KVCacheConfig:
             raise ConfigError(f"KV-cache clip_ratio must be in (0, 1], got {self.clip_ratio}")
 
 
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training (`jaxq.qat`, LLM-QAT). steps: optimiser steps; batch_size:
+    windows per step; weight_lr: AdamW's peak rate on the latent weights (LLM-QAT: 2e-5);
+    scale_lr: Adam's peak rate on the log-scales and offsets; warmup_steps: linear warm-up, then
+    cosine decay to zero; weight_decay: AdamW's; clip_norm: global gradient norm clipped to;
+    seed: batch order; save_every: steps between saved states."""
+
+    steps: int = 100
+    batch_size: int = 4
+    weight_lr: float = 2e-5
+    scale_lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 10
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ConfigError("QAT needs steps, batch_size and save_every of at least 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if min(self.weight_lr, self.scale_lr) < 0 or self.weight_decay < 0 or self.clip_norm <= 0:
+            raise ConfigError("QAT learning rates and weight decay must be >= 0 and clip_norm > 0")
+
+
 ROTATIONS = ("none", "hadamard", "random")
 
 
