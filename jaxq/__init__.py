@@ -8,15 +8,16 @@
 `import jaxq` loads the configs, formats and methods (which registers them); everything that
 runs a model (quantize, save/load, calibrate, evaluate, ...) is imported on first use (PEP 562).
 Layers, each importing only those below it: formats, config, methods < models (and ops,
-kernels_pallas) < calibrate, quantization, checkpoint, evaluate < cli.
+kernels_pallas) < calibrate, quantization, checkpoint, evaluate < mixed_precision, qat, gguf_export,
+run_report < cli.
 """
 
 import importlib
 from typing import Any
 
 __version__ = "0.2.0"
-_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "methods", "mixed_precision",
-               "ops", "quantization", "report", "sharding")
+_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "gguf_export", "methods",
+               "mixed_precision", "ops", "qat", "quantization", "report", "run_report", "sharding")
 _FUNCTIONS = {"quantize": "quantization", "quantize_model": "quantization", "save": "checkpoint", "load": "checkpoint",
               "size_report": "report"}
 

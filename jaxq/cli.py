@@ -1,4 +1,4 @@
-"""The `jaxq` command line: quantize, eval, inspect."""
+"""The `jaxq` command line: quantize, qat, eval, export, report, inspect."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jaxq import data, method_options
-from jaxq.config import DEFAULT_PATTERN, ROTATIONS, ActivationConfig, KVCacheConfig, QuantConfig, Rule
+from jaxq.config import DEFAULT_PATTERN, ROTATIONS, ActivationConfig, KVCacheConfig, QATConfig, QuantConfig, Rule
 from jaxq.methods import registry
 
 
@@ -37,6 +37,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     method_options.add_method_options(p)
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
+    mixed = p.add_argument_group("mixed precision (bits per layer from the Fisher information)")
+    mixed.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
+                       help="choose each layer's bits so the stored bits per weight average at most this "
+                            "(codes, scales and zeros counted), minimising the predicted loss increase; "
+                            "needs calibration data")
+    mixed.add_argument("--bit-choices", type=_bit_choices, default=None, metavar="B,B,...",
+                       help="bit widths a layer may get with --bits-budget (default 2,3,4,8)")
     model = p.add_argument_group("rotation, activations and KV cache (QuaRot's W4A4KV4)")
     model.add_argument("--rotate", default="none", choices=ROTATIONS,
                        help="rotate the residual stream first (hadamard: random Hadamard; random: Haar orthogonal) "
@@ -68,6 +75,14 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--data-dir", default=None, help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV})")
 
 
+def _bit_choices(text: str) -> tuple[int, ...]:
+    """"2,3,4,8" -> (2, 3, 4, 8)."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bit widths separated by commas (2,3,4,8), got {text!r}") from None
+
+
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_len", "calib_step", "devices", "propagate", "resume",
                        "data_dir")
 
@@ -80,7 +95,8 @@ def check_quantize_options(args: argparse.Namespace) -> None:
     """Refuse options the chosen method or calibration would silently ignore."""
     ignored = method_options.not_applying(args.method, args)
     foreign = [flag for flag, condition in ignored if condition is None]
-    if registry.registration(args.method).data_free and args.a_calibration == "dynamic":  # nothing calibrates
+    if registry.registration(args.method).data_free and args.a_calibration == "dynamic" and args.bits_budget is None:
+        # nothing calibrates
         defaults = vars(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"]))
         foreign += ["--" + dest.replace("_", "-") for dest in CALIBRATION_OPTIONS if getattr(args, dest) != defaults[dest]]
     ignored += [(flag, condition) for flag, condition, unused in (
@@ -89,7 +105,8 @@ def check_quantize_options(args: argparse.Namespace) -> None:
         ("--a-percentile", "--a-calibration percentile",
          args.a_calibration != "percentile" and args.a_percentile != ActivationConfig.percentile),
         ("--kv-clip-ratio", "--kv-bits", args.kv_bits is None and args.kv_clip_ratio != KVCacheConfig.clip_ratio),
-        ("--rotate-seed", "--rotate", args.rotate == "none" and args.rotate_seed != 0)) if unused]
+        ("--rotate-seed", "--rotate", args.rotate == "none" and args.rotate_seed != 0),
+        ("--bit-choices", "--bits-budget", args.bits_budget is None and args.bit_choices is not None)) if unused]
     problems = [f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {args.method}"]
     problems = problems[:1 if foreign else 0] + [f"{flag} does not apply without {condition}"
                                                  for flag, condition in ignored if condition is not None]
@@ -135,13 +152,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     lm = models.load(args.model)
     checkpoint.check_replaceable(out, lm.config, str(args.model), overwrite=args.overwrite)
     calib = None
-    if quantization.needs_calibration(cfg):
+    if quantization.needs_calibration(cfg) or args.bits_budget is not None:
         from jaxq import calibrate
 
         calib = calibrate.from_text(lm, args.calib_data, samples=args.calib_samples, length=args.calib_len,
                                     data_dir=args.data_dir, step_samples=args.calib_step, devices=args.devices,
                                     propagate=args.propagate, resume_dir=args.resume, progress=not args.quiet)
     start = time.perf_counter()
+    allocation = None
+    if args.bits_budget is not None:
+        from jaxq import mixed_precision
+
+        cfg, allocation = mixed_precision.mixed_precision_config(
+            lm, cfg.rules[-1].method, calib, args.bits_budget, choices=args.bit_choices or mixed_precision.BIT_CHOICES,
+            base=cfg)
+        if not args.json:
+            print(f"mixed precision: {allocation.bits_per_weight:.4f} bits per weight (budget {args.bits_budget}); "
+                  "layers per bit width: " + ", ".join(f"{b}-bit {n}" for b, n in allocation.histogram().items()))
     quantized = quantization.quantize_model(lm, cfg, calib, progress=not args.quiet)
     seconds = time.perf_counter() - start
     qparams = quantized.params
@@ -153,7 +180,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "calibration": None if calib is None else {"samples": int(calib.tokens.shape[0]),
                                                           "length": int(calib.tokens.shape[1]),
                                                           "source": args.calib_data}, "quantized_weights": len(sizes.quantized),
-               "quantized_bytes": sizes.quantized_bytes, "quantized_bf16_bytes": sizes.quantized_bf16_bytes}
+               "quantized_bytes": sizes.quantized_bytes, "quantized_bf16_bytes": sizes.quantized_bf16_bytes,
+               "mixed_precision": None if allocation is None else {
+                   "bits_budget": args.bits_budget, "bits_per_weight": allocation.bits_per_weight,
+                   "predicted_loss": allocation.predicted_loss, "bits": allocation.bits}}
+    from jaxq import run_report
+
+    reference = lm.params  # the float weights each quantized one replaced (rotated, where the model was)
+    if cfg.rotate != "none":
+        from jaxq.transforms import model_rotation
+
+        reference = model_rotation.rotate(lm.config, lm.params, cfg.rotate, cfg.rotate_seed)[1]
+    run_report.write_json(out / run_report.QUANTIZE_RECORD, run_report.quantize_record(
+        summary, sizes, run_report.relative_errors(reference, qparams), checkpoint.read_metadata(out)["leaves"]))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -171,7 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate.check_options(ctx, windows, args.batch_size)
     if args.checkpoint:
         checkpoint.quiet_orbax_logs()
-        lm = checkpoint.load(args.checkpoint, dtype=args.dtype).language_model()
+        saved = checkpoint.load(args.checkpoint, dtype=args.dtype)
+        lm = saved.language_model()
     else:
         lm = models.load(args.model, dtype=args.dtype)
     mesh = None
@@ -189,6 +229,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{name}: perplexity {report.ppl:.4f} on {args.data} "
               f"({report.windows} windows x {report.ctx} tokens, {report.seconds:.1f}s)")
+    if args.checkpoint:  # the run's record beside it (`jaxq report`); a read-only checkpoint only warns
+        from pathlib import Path
+
+        from jaxq import run_report
+
+        path = Path(args.checkpoint) / run_report.eval_record_name(args.data, report.ctx, report.windows)
+        try:
+            digest = run_report.weights_digest(saved.metadata["leaves"])
+            run_report.write_json(path, {**result, "weights_digest": digest})
+        except OSError as err:
+            print(f"jaxq eval: warning: the result was not recorded in {path} ({err.strerror or err})", file=sys.stderr)
     return 0
 
 
@@ -220,6 +271,69 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jaxq import run_report
+
+    for path in run_report.write_report(run_report.load_runs(args.runs), args.out):
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxq import checkpoint, gguf_export
+
+    checkpoint.quiet_orbax_logs()
+    summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite)
+    print(summary.describe())
+    return 0
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    import models
+    from jaxq import calibrate, checkpoint, qat, run_report
+
+    checkpoint.quiet_orbax_logs()
+    cfg = qat.QATConfig(steps=args.steps, batch_size=args.batch_size, weight_lr=args.weight_lr,
+                        scale_lr=args.scale_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                        clip_norm=args.clip_norm, seed=args.seed, save_every=args.save_every)
+    out = checkpoint.check_destination(args.out, overwrite=args.overwrite)
+    start = checkpoint.load(args.checkpoint)
+    student = start.language_model()
+    source = args.model or start.metadata.get("source")
+    if not source:
+        raise UsageError(f"{args.checkpoint} records no float model it came from; give it with --model")
+    teacher = models.load(source)
+    if args.train_data == "generated":
+        tokens = qat.generated_windows(teacher, args.calib_samples, args.calib_len, seed=args.seed)
+    else:
+        tokens = calibrate.from_text(teacher, args.calib_data, samples=args.calib_samples, length=args.calib_len,
+                                     data_dir=args.data_dir).tokens
+    began = time.perf_counter()
+    result = qat.train(student, teacher, tokens, cfg, resume_dir=args.resume, progress=not args.quiet)
+    seconds = time.perf_counter() - began
+    checkpoint.save(out, result.model.params, model_config=student.config, quant_config=start.quant_config,
+                    tokenizer=student.tokenizer, source=str(source))
+    summary = {"checkpoint": str(args.checkpoint), "model": str(source), "out": str(out),
+               "qat_config": dataclasses.asdict(cfg), "train_data": args.train_data,
+               "windows": list(tokens.shape), "tokens_seen": cfg.steps * cfg.batch_size * int(tokens.shape[1]),
+               "train_seconds": seconds, "initial_loss": result.initial_loss, "steps": len(result.losses),
+               "losses": list(result.losses)}
+    run_report.write_json(out / "qat.json", summary)
+    try:
+        run_report.plot_loss_curve(result.losses, out / "loss_curve.png", initial=result.initial_loss)
+    except run_report.ReportError as err:  # matplotlib missing: the run is done, say what is not
+        print(f"jaxq qat: warning: no loss curve written: {err}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"QAT: {len(result.losses)} steps of {cfg.batch_size} x {tokens.shape[1]} tokens in {seconds:.0f}s, "
+              f"distillation loss {result.initial_loss:.4f} -> {result.losses[-1]:.4f}; checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxq", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -243,10 +357,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("qat", parents=[common], help="quantization-aware training of a checkpoint by distillation "
+                                                     "from its float model (LLM-QAT)")
+    p.add_argument("--checkpoint", required=True, help="a uniform-grid checkpoint written by `jaxq quantize`")
+    p.add_argument("--out", required=True, help="checkpoint directory for the trained model")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    p.add_argument("--model", default=None, help="the float model to distil from (default: the checkpoint's source)")
+    defaults = QATConfig()
+    train = p.add_argument_group("training")
+    for flag, kind, help_text in (("--steps", int, "optimiser steps"), ("--batch-size", int, "windows per step"),
+                                  ("--weight-lr", float, "AdamW's peak learning rate on the latent weights"),
+                                  ("--scale-lr", float, "Adam's peak learning rate on log-scales and offsets"),
+                                  ("--warmup-steps", int, "linear warm-up steps before the cosine decay"),
+                                  ("--weight-decay", float, "AdamW's weight decay"),
+                                  ("--clip-norm", float, "global gradient norm clipped to"),
+                                  ("--seed", int, "batch order (and generated text)"),
+                                  ("--save-every", int, "steps between saved training states (with --resume)")):
+        dest = flag[2:].replace("-", "_")
+        train.add_argument(flag, type=kind, default=getattr(defaults, dest), help=help_text + " (default %(default)s)")
+    train.add_argument("--resume", default=None, metavar="DIR",
+                       help="save the training state here (Orbax) and continue from it after a crash")
+    data_options = p.add_argument_group("training text")
+    data_options.add_argument("--train-data", default="calibration", choices=("calibration", "generated"),
+                              help="calibration text, or text the float model generates (data-free; default "
+                                   "%(default)s)")
+    data_options.add_argument("--calib-data", default=data.CALIBRATION_SOURCE,
+                              help="text source for --train-data calibration (default %(default)s)")
+    data_options.add_argument("--calib-samples", type=int, default=32, help="windows (default %(default)s)")
+    data_options.add_argument("--calib-len", type=int, default=512, help="tokens per window (default %(default)s)")
+    data_options.add_argument("--data-dir", default=None, help=f"directory holding wikitext2/ (default ${data.DATA_DIR_ENV})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_qat)
+
     p = sub.add_parser("inspect", parents=[common], help="layers, formats, bits and bytes of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("report", parents=[common], help="markdown table and PNG plots of quantize/eval runs")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a checkpoint directory (its quantize.json and eval-*.json), one eval-*.json of one, or a "
+                        "JSON-lines file of scripts/ppl_table.py rows")
+    p.add_argument("--out", required=True, help="directory for report.md, ppl_vs_bits.png and a layers-<run>.png "
+                                                "per checkpoint (plots need matplotlib: pip install 'jaxq[plots]')")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("export", parents=[common], help="write a checkpoint in another format: a llama.cpp GGUF file")
+    p.add_argument("--checkpoint", required=True, help="directory written by `jaxq quantize`")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--gguf", metavar="OUT", help="GGUF file to write (w4 g32 float-offset -> Q4_1, w4 g32 sym -> "
+                                                      "Q4_0, w8 g32 sym -> Q8_0, float -> F32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(run=cmd_export)
     return parser
 
 
@@ -258,14 +421,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jaxq.config import ConfigError
     from jaxq.data import DataError, DataNotFoundError
     from jaxq.evaluate import EvaluationError
+    from jaxq.gguf_export import ExportError
     from jaxq.methods.gptq import SingularHessianError
+    from jaxq.qat import QATError
     from jaxq.quantization import NonFiniteWeightError
+    from jaxq.run_report import ReportError
     from jaxq.sharding import MeshError
     from models import ModelNotFoundError, UnsupportedModelError
 
     return (UsageError, ConfigError, CalibrationError, CalibrationMemoryError, ResumeMismatchError,
             CheckpointError, DataError, DataNotFoundError, EvaluationError, MeshError, SingularHessianError,
-            NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError)
+            NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError, QATError, ReportError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:
