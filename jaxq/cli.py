@@ -312,7 +312,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
         tokens = calibrate.from_text(teacher, args.calib_data, samples=args.calib_samples, length=args.calib_len,
                                      data_dir=args.data_dir).tokens
     began = time.perf_counter()
-    result = qat.train(student, teacher, tokens, cfg, resume_dir=args.resume, progress=not args.quiet)
+    log = logging.getLogger("jaxq.qat")
+    result = qat.train(student, teacher, tokens, cfg, resume_dir=args.resume, progress=not args.quiet,
+                       on_step=lambda step, loss: log.info("qat step %d: loss %.6f", step + 1, loss))
     seconds = time.perf_counter() - began
     checkpoint.save(out, result.model.params, model_config=student.config, quant_config=start.quant_config,
                     tokenizer=student.tokenizer, source=str(source))
