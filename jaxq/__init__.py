@@ -8,7 +8,7 @@
 `import jaxq` loads the configs, formats and methods (which registers them); everything that
 runs a model (quantize, save/load, calibrate, evaluate, ...) is imported on first use (PEP 562).
 Layers, each importing only those below it: formats, config, methods < models (and ops,
-kernels_pallas) < calibrate, quantization, checkpoint, evaluate < mixed_precision, qat, gguf_export,
+kernels_pallas) < calibrate, quantization, checkpoint, evaluate < mixed_precision, qat, interop,
 run_report < cli.
 """
 
@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.2.0"
-_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "gguf_export", "methods",
+_SUBMODULES = ("calibrate", "checkpoint", "cli", "config", "data", "evaluate", "formats", "interop", "methods",
                "mixed_precision", "ops", "qat", "quantization", "report", "run_report", "sharding")
 _FUNCTIONS = {"quantize": "quantization", "quantize_model": "quantization", "save": "checkpoint", "load": "checkpoint",
               "size_report": "report"}

@@ -280,7 +280,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jaxq import checkpoint, gguf_export
+    from jaxq import checkpoint
+    from jaxq.interop import gguf as gguf_export
 
     checkpoint.quiet_orbax_logs()
     summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite)
@@ -423,7 +424,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jaxq.config import ConfigError
     from jaxq.data import DataError, DataNotFoundError
     from jaxq.evaluate import EvaluationError
-    from jaxq.gguf_export import ExportError
+    from jaxq.interop.gguf import ExportError
     from jaxq.methods.gptq import SingularHessianError
     from jaxq.qat import QATError
     from jaxq.quantization import NonFiniteWeightError

@@ -16,7 +16,7 @@ FIRST_IMPORTS = ("jaxq", "models", "kernels_pallas", "jaxq.ops", "jaxq.checkpoin
                  "jaxq.methods.registry", "jaxq.method_options", "jaxq.formats.codebook", "models.llama",
                  "models.config", "models.kv_cache", "jaxq.formats.kv", "jaxq.transforms.model_rotation",
                  "jaxq.methods.obr", "jaxq.formats.pruned", "jaxq.calibrate.activation_ranges",
-                 "jaxq.mixed_precision", "jaxq.qat", "jaxq.gguf_export", "jaxq.run_report")
+                 "jaxq.mixed_precision", "jaxq.qat", "jaxq.interop.gguf", "jaxq.run_report")
 
 
 def test_import_does_not_load_heavy_submodules():

@@ -13,9 +13,10 @@ import pytest
 
 import jaxq
 import models
-from jaxq import checkpoint, cli, data, evaluate, gguf_export
+from jaxq import checkpoint, cli, data, evaluate
+from jaxq.interop import gguf as gguf_export
 from jaxq.formats import CodebookQ, QuantizedArray, UniformQ
-from jaxq.gguf_export import ExportError
+from jaxq.interop.gguf import ExportError
 from models.load import unpermute_rope_rows
 from tests.models.test_load import llama_cpp_permute
 

@@ -1,7 +1,7 @@
 """Export a jaxq model to a llama.cpp GGUF file: the mirror of the GGUF reader in `models/load.py`.
 
     jaxq export --checkpoint runs/w4 --gguf smollm2-q4_1.gguf
-    gguf_export.export_gguf(lm, "out.gguf")          # an in-memory models.LanguageModel
+    jaxq.interop.gguf.export_gguf(lm, "out.gguf")    # an in-memory models.LanguageModel
 
 What exports, weight by weight (`UniformQ` with groups of 32 along the input axis, no act-order):
     4-bit, float offset (w = scale*q + zero)     -> Q4_1  (fp16 d = scale, fp16 m = zero)

@@ -1,0 +1,1 @@
+"""Other people's formats: pure conversions of jaxq models to and from them (GGUF export)."""
