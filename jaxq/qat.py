@@ -74,17 +74,11 @@ def initial_leaves(grid: UniformQ) -> dict[str, jax.Array]:
 
 
 def _grid(grid: UniformQ, leaves: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(scale, offset) float32 [groups, out] as stored (rounded to their dtypes), w = s * q + offset."""
-    shape = (grid.num_groups, grid.shape[1])
+    """(scale, offset) float32 [groups, out] as stored (rounded to their dtypes), w = s * q + offset:
+    `grid.affine()` of the trained scale and float offset."""
     scale = _as_stored(grid.scale.astype(jnp.float32) * jnp.exp(leaves["log_scale"]), grid.scale.dtype)
-    scale = jnp.broadcast_to(scale, shape)
-    if grid.zero_point == "float":
-        offset = _as_stored(leaves["offset"], grid.zero.dtype)
-    elif grid.zero_point == "int":
-        offset = -scale * grid.zero.astype(jnp.float32)
-    else:
-        offset = -scale * float(2 ** (grid.bits - 1))
-    return scale, jnp.broadcast_to(offset, shape)
+    zero = _as_stored(leaves["offset"], grid.zero.dtype) if grid.zero_point == "float" else grid.zero
+    return dataclasses.replace(grid, scale=scale, zero=zero).affine()
 
 
 def _codes(grid: UniformQ, leaves: dict[str, jax.Array], rows: Callable) -> jax.Array:
