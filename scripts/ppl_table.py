@@ -35,15 +35,16 @@ QUAROT_W4 = U(bits=4, granularity="channel", symmetric=True, calibration="mse", 
 PRUNE_TARGETS = (("50%", 0.5), ("2:4", (2, 4)))
 
 
-def mixed_at_uniform_bytes(method: Any) -> Callable[[models.LanguageModel, calibrate.Calibration], jaxq.QuantConfig]:
+def mixed_at_uniform_bytes(method: Any, sensitivity: str = "fisher"
+                           ) -> Callable[[models.LanguageModel, calibrate.Calibration], jaxq.QuantConfig]:
     """A variant built from the model: `method`'s layers at bits from {2, 3, 4, 8} allocated by
-    the Fisher information (`jaxq.mixed_precision`) within the bytes of `method` itself (its
+    `sensitivity` (`jaxq.mixed_precision`: Fisher or measured KL) within the bytes of `method` itself (its
     uniform bits everywhere, as `size_report` counts them; GPTQ act-order's permutation, the same
     4 bytes per input row either way, comes on top of both)."""
     def build(lm, calib):
         uniform = jaxq.size_report(jaxq.quantize(lm.params, mixed_precision.proxy_method(method)))
         budget = 8 * uniform.quantized_bytes / sum(math.prod(w.shape) for w in uniform.quantized)
-        return mixed_precision.mixed_precision_config(lm, method, calib, budget)[0]
+        return mixed_precision.mixed_precision_config(lm, method, calib, budget, sensitivity=sensitivity)[0]
     return build
 PRUNING = {  # method name -> (grid, pruning target) -> config
     "magnitude": lambda u, prune: jaxq.MagnitudeConfig(uniform=u, prune=prune),
@@ -124,6 +125,8 @@ VARIANTS = {
     # the survey's mixed precision (issue 19): bits per layer at the bytes of the uniform 3-bit g128 rows
     "rtn w3 g128 mixed": mixed_at_uniform_bytes(W3),
     "gptq w3 g128 act-order mixed": mixed_at_uniform_bytes(G(uniform=W3, act_order=True)),
+    "rtn w3 g128 mixed kl": mixed_at_uniform_bytes(W3, "kl"),
+    "gptq w3 g128 act-order mixed kl": mixed_at_uniform_bytes(G(uniform=W3, act_order=True), "kl"),
     # the survey's static activation ranges against dynamic per-token ones, 8-bit inputs of the rotated model
     **{f"w16a8kv16 {calibration} rotated": jaxq.QuantConfig(
         rules=(jaxq.Rule(jaxq.config.DEFAULT_PATTERN, None),), rotate="hadamard",

@@ -1,6 +1,7 @@
 """Mixed precision: the exact knapsack against brute force, the predicted loss against numpy, and
 the allocation through `jaxq.quantize` and `jaxq quantize --bits-budget`."""
 
+import dataclasses
 import itertools
 import json
 
@@ -107,6 +108,54 @@ def test_the_allocation_quantizes_each_layer_at_its_bits(tiny_llama_with_tokeniz
     assert all(quantized[p].bits == b for p, b in allocation.bits.items())
     assert sum(quantized[p].nbytes for p in allocation.bits) == allocation.bytes
     assert allocation.bits_per_weight <= 3.0
+
+
+def with_kernel(params, path, kernel):
+    """A copy of the nested dict `params` with the leaf at "layers/0/.../kernel" replaced (layer
+    indices are int keys)."""
+    *parents, leaf = path.split("/")
+    out = dict(params)
+    node = out
+    for key in parents:
+        key = int(key) if key.isdigit() else key
+        node[key] = dict(node[key])
+        node = node[key]
+    node[leaf] = kernel
+    return out
+
+
+def test_the_measured_sensitivity_is_the_kl_of_quantizing_one_layer_alone(tiny_llama_with_tokenizer):
+    """Each layer's "kl" loss against float64 numpy's KL between the float model's next-token
+    distribution and the one with that layer alone rounded (tolerance: float32 logits and
+    log-softmax, ~1e-6 absolute on KLs of 1e-4..1e-1); the allocation is the knapsack's over them."""
+    directory, text = tiny_llama_with_tokenizer
+    lm = models.load(directory)
+    cal = calibrate.from_text(lm, str(text), samples=4, length=32, step_samples=4, progress=False)
+    grid = jaxq.UniformConfig(bits=3, group_size=32)
+    kernels = mixed_precision.selected_kernels(lm.params)
+    tokens = cal.tokens[:2]
+    costs = mixed_precision.measured_layer_costs(lm.config, lm.params, kernels, jaxq.GPTQConfig(uniform=grid),
+                                                 tokens, (2, 8))
+
+    def log_probs(params):
+        logits = np.asarray(models.language_model.forward(lm.config, params, jnp.asarray(tokens))[0], np.float64)
+        return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+
+    reference = log_probs(lm.params)
+    for cost in costs[:4]:
+        for b, loss in zip(cost.bits, cost.loss):
+            q = jaxq.quantize({"kernel": kernels[cost.path]}, jaxq.QuantConfig.for_method(
+                dataclasses.replace(grid, bits=b), pattern="kernel"))["kernel"]
+            logp = log_probs(with_kernel(lm.params, cost.path, q.dequantize(jnp.float32)))
+            expected = np.mean(np.sum(np.exp(reference) * (reference - logp), -1))
+            assert loss == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        assert cost.loss[0] > cost.loss[1] >= 0
+    cfg, allocation = mixed_precision.mixed_precision_config(lm, jaxq.GPTQConfig(uniform=grid), cal, 4.0,
+                                                             choices=(2, 8), sensitivity="kl", kl_windows=2)
+    assert allocation == allocate(costs, 4.0)
+    with pytest.raises(ConfigError, match="unknown sensitivity 'hessian'"):
+        mixed_precision.mixed_precision_config(lm, grid, cal, 4.0, sensitivity="hessian")
 
 
 def test_the_cli_allocates_with_a_budget_and_records_it(tiny_llama_with_tokenizer, tmp_path, capsys):
