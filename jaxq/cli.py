@@ -37,13 +37,19 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     method_options.add_method_options(p)
     p.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
                    help="leave matching parameters in float (repeatable)")
-    mixed = p.add_argument_group("mixed precision (bits per layer from the Fisher information)")
+    mixed = p.add_argument_group("mixed precision (bits per layer from a per-layer sensitivity)")
     mixed.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
                        help="choose each layer's bits so the stored bits per weight average at most this "
                             "(codes, scales and zeros counted), minimising the predicted loss increase; "
                             "needs calibration data")
     mixed.add_argument("--bit-choices", type=_bit_choices, default=None, metavar="B,B,...",
                        help="bit widths a layer may get with --bits-budget (default 2,3,4,8)")
+    mixed.add_argument("--sensitivity", default=None, choices=("fisher", "kl"),
+                       help="how --bits-budget ranks layers: fisher (second-order estimate from the Fisher "
+                            "information, the default) or kl (measured KL of quantizing each layer alone at each "
+                            "width on --kl-windows calibration windows: len(bit choices) forwards per layer)")
+    mixed.add_argument("--kl-windows", type=int, default=None, metavar="N",
+                       help="calibration windows --sensitivity kl measures on (default 2)")
     model = p.add_argument_group("rotation, activations and KV cache (QuaRot's W4A4KV4)")
     model.add_argument("--rotate", default="none", choices=ROTATIONS,
                        help="rotate the residual stream first (hadamard: random Hadamard; random: Haar orthogonal) "
@@ -106,7 +112,9 @@ def check_quantize_options(args: argparse.Namespace) -> None:
          args.a_calibration != "percentile" and args.a_percentile != ActivationConfig.percentile),
         ("--kv-clip-ratio", "--kv-bits", args.kv_bits is None and args.kv_clip_ratio != KVCacheConfig.clip_ratio),
         ("--rotate-seed", "--rotate", args.rotate == "none" and args.rotate_seed != 0),
-        ("--bit-choices", "--bits-budget", args.bits_budget is None and args.bit_choices is not None)) if unused]
+        ("--bit-choices", "--bits-budget", args.bits_budget is None and args.bit_choices is not None),
+        ("--sensitivity", "--bits-budget", args.bits_budget is None and args.sensitivity is not None),
+        ("--kl-windows", "--sensitivity kl", args.sensitivity != "kl" and args.kl_windows is not None)) if unused]
     problems = [f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to --method {args.method}"]
     problems = problems[:1 if foreign else 0] + [f"{flag} does not apply without {condition}"
                                                  for flag, condition in ignored if condition is not None]
@@ -165,7 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         cfg, allocation = mixed_precision.mixed_precision_config(
             lm, cfg.rules[-1].method, calib, args.bits_budget, choices=args.bit_choices or mixed_precision.BIT_CHOICES,
-            base=cfg)
+            base=cfg, sensitivity=args.sensitivity or "fisher", kl_windows=args.kl_windows or mixed_precision.KL_WINDOWS)
         if not args.json:
             print(f"mixed precision: {allocation.bits_per_weight:.4f} bits per weight (budget {args.bits_budget}); "
                   "layers per bit width: " + ", ".join(f"{b}-bit {n}" for b, n in allocation.histogram().items()))
@@ -182,7 +190,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                                           "source": args.calib_data}, "quantized_weights": len(sizes.quantized),
                "quantized_bytes": sizes.quantized_bytes, "quantized_bf16_bytes": sizes.quantized_bf16_bytes,
                "mixed_precision": None if allocation is None else {
-                   "bits_budget": args.bits_budget, "bits_per_weight": allocation.bits_per_weight,
+                   "bits_budget": args.bits_budget, "sensitivity": args.sensitivity or "fisher",
+                   "bits_per_weight": allocation.bits_per_weight,
                    "predicted_loss": allocation.predicted_loss, "bits": allocation.bits}}
     from jaxq import run_report
 

@@ -172,7 +172,14 @@ def test_the_cli_allocates_with_a_budget_and_records_it(tiny_llama_with_tokenize
     restored = dict(tree.flatten(checkpoint.load(out).params)[0])
     assert all(restored[p].bits == b for p, b in bits.items())
     assert not tree.is_format(restored["layers/0/mlp/down_proj/kernel"])
+    assert summary["mixed_precision"]["sensitivity"] == "fisher"
+    assert cli.main(["quantize", *common, "--bits-budget", "3.5", "--bit-choices", "2,8", "--sensitivity", "kl",
+                     "--kl-windows", "1", "--out", str(tmp_path / "kl"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mixed_precision"]["sensitivity"] == "kl" and summary["mixed_precision"]["bits_per_weight"] <= 3.5
     assert cli.main(["quantize", *common, "--bit-choices", "2,4", "--out", str(tmp_path / "no")]) == 2
     assert "--bit-choices does not apply without --bits-budget" in capsys.readouterr().err
+    assert cli.main(["quantize", *common, "--bits-budget", "3.5", "--kl-windows", "1", "--out", str(tmp_path / "no")]) == 2
+    assert "--kl-windows does not apply without --sensitivity kl" in capsys.readouterr().err
     assert cli.main(["quantize", *common, "--bits-budget", "1.5", "--out", str(tmp_path / "no")]) == 2
     assert "below the smallest possible average" in capsys.readouterr().err
