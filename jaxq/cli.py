@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -446,14 +448,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
             NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError, QATError, ReportError, ExportError)
 
 
+@contextlib.contextmanager
+def _reports_above_progress_bars(log: logging.Logger) -> Iterator[None]:
+    """What methods report at INFO (trained blocks' losses) printed once, above the progress bars:
+    through tqdm's handler only, not also through a root handler an imported library installed."""
+    log.setLevel(logging.INFO)
+    propagate, log.propagate = log.propagate, False
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (one line on stderr naming the problem), 1 an internal error
     (its traceback with --debug)."""
     args = build_parser().parse_args(argv)
-    log = logging.getLogger("jaxq")  # what methods report (trained blocks' losses), printed above the progress bars
-    log.setLevel(logging.INFO)
     try:
-        with logging_redirect_tqdm(loggers=[log]):
+        with _reports_above_progress_bars(logging.getLogger("jaxq")):
             return args.run(args)
     except user_errors() as err:
         print(f"jaxq {args.command}: error: {err}", file=sys.stderr)

@@ -1,4 +1,6 @@
+import io
 import json
+import logging
 
 import pytest
 
@@ -226,3 +228,19 @@ def test_obr_2_4_on_a_rotated_w4a4kv4_model(tiny_llama_with_tokenizer, tmp_path,
     lm = checkpoint.load(out_dir).language_model()
     kernel = lm.params["layers"][0]["mlp"]["down_proj"]["kernel"]
     assert kernel.pattern == "2:4" and kernel.sparsity == 0.5
+
+
+def test_method_reports_print_once_even_under_a_root_handler(capsys):
+    """A library that installed a root StreamHandler (one of jaxq's imports does) must not print
+    every report a second time beside tqdm's."""
+    root = logging.getLogger()
+    extra = logging.StreamHandler(io.StringIO())
+    root.addHandler(extra)
+    try:
+        with cli._reports_above_progress_bars(logging.getLogger("jaxq")):
+            logging.getLogger("jaxq.methods").info("layers/0: reconstruction loss 1 at init, 0.5 after 4 steps")
+    finally:
+        root.removeHandler(extra)
+    assert capsys.readouterr().err.count("reconstruction loss") == 1
+    assert extra.stream.getvalue() == ""
+    assert logging.getLogger("jaxq").propagate  # restored for whoever logs after the command
