@@ -295,7 +295,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxq.interop import gguf as gguf_export
 
     checkpoint.quiet_orbax_logs()
-    summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite)
+    summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite,
+                                            tokenizer_pre=args.tokenizer_pre)
     print(summary.describe())
     return 0
 
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--gguf", metavar="OUT", help="GGUF file to write (w4 g32 float-offset -> Q4_1, w4 g32 sym -> "
                                                       "Q4_0, w8 g32 sym -> Q8_0, float -> F32)")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre: llama-bpe for LLaMA-3, smollm for "
+                        "SmolLM2), needed when the checkpoint's source is not a GGUF file with this vocabulary")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(run=cmd_export)
     return parser

@@ -309,9 +309,10 @@ def tokenizer_metadata(lm: LanguageModel, tokenizer_pre: str | None = None) -> l
         reason = f"the source GGUF {source} holds another vocabulary than the model's tokenizer"
     if tokenizer_pre is None:
         raise ExportError(f"GGUF's tokenizer.ggml.pre (llama.cpp's pre-tokenizer name) is missing: a tokenizer.json "
-                          f"does not record it and {reason}, so it cannot be copied. Pass tokenizer_pre= (e.g. "
-                          "'llama-bpe' for LLaMA-3, 'smollm' for SmolLM2; llama.cpp's convert_hf_to_gguf.py lists "
-                          "them) or export from a checkpoint quantized from a GGUF file")
+                          f"does not record it and {reason}, so it cannot be copied. Pass tokenizer_pre= "
+                          "(`jaxq export --tokenizer-pre`; e.g. 'llama-bpe' for LLaMA-3, 'smollm' for SmolLM2; "
+                          "llama.cpp's convert_hf_to_gguf.py lists them) or export from a checkpoint quantized "
+                          "from a GGUF file")
     return tokenizer_fields(lm.tokenizer, tokenizer_pre)
 
 

@@ -341,3 +341,16 @@ def test_smollm_tokenizer_rebuilt_from_a_checkpoint_is_the_source(smollm, source
     for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
                 "padding_token_id", "add_bos_token"):
         assert fields[f"tokenizer.ggml.{key}"] == source[f"tokenizer.ggml.{key}"], key
+
+
+def test_cli_names_the_pre_tokenizer_when_no_source_gguf_has_it(tiny, tmp_path, capsys):
+    """A checkpoint whose source is no GGUF file: `jaxq export` says --tokenizer-pre is needed
+    (exit 2, nothing written), and with it writes the rebuilt tokenizer under that name."""
+    lm, quantized = tiny
+    jaxq.save(tmp_path / "ckpt", quantized, model_config=TINY, tokenizer=lm.tokenizer, source="")
+    out = tmp_path / "out.gguf"
+    argv = ["export", "--checkpoint", str(tmp_path / "ckpt"), "--gguf", str(out)]
+    assert cli.main(argv) == 2
+    assert "--tokenizer-pre" in capsys.readouterr().err and not out.exists()
+    assert cli.main(argv + ["--tokenizer-pre", "smollm"]) == 0
+    assert gguf.GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == "smollm"
