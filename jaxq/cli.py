@@ -295,8 +295,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxq.interop import gguf as gguf_export
 
     checkpoint.quiet_orbax_logs()
-    summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite,
-                                            tokenizer_pre=args.tokenizer_pre)
+    if args.hf is not None:
+        from jaxq.interop import hf_quantized
+
+        if args.tokenizer_pre is not None:
+            raise UsageError("--tokenizer-pre applies to --gguf only")
+        hf_quantized.check_destination(args.hf, overwrite=args.overwrite)
+        summary = hf_quantized.export_hf(checkpoint.load(args.checkpoint).language_model(), args.hf,
+                                         fmt=args.format, gptq_version=args.gptq_version, overwrite=args.overwrite)
+    else:
+        if (args.format, args.gptq_version) != ("compressed-tensors", 1):
+            raise UsageError("--format and --gptq-version apply to --hf only")
+        summary = gguf_export.export_checkpoint(args.checkpoint, args.gguf, overwrite=args.overwrite,
+                                                tokenizer_pre=args.tokenizer_pre)
     print(summary.describe())
     return 0
 
@@ -418,11 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "per checkpoint (plots need matplotlib: pip install 'jaxq[plots]')")
     p.set_defaults(run=cmd_report)
 
-    p = sub.add_parser("export", parents=[common], help="write a checkpoint in another format: a llama.cpp GGUF file")
+    p = sub.add_parser("export", parents=[common],
+                       help="write a checkpoint in another format: a llama.cpp GGUF file or a Hugging Face directory")
     p.add_argument("--checkpoint", required=True, help="directory written by `jaxq quantize`")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--gguf", metavar="OUT", help="GGUF file to write (w4 g32 float-offset -> Q4_1, w4 g32 sym -> "
                                                       "Q4_0, w8 g32 sym -> Q8_0, float -> F32)")
+    target.add_argument("--hf", metavar="DIR", help="Hugging Face directory to write (config.json with its "
+                                                    "quantization_config, safetensors, tokenizer) for vLLM / transformers")
+    p.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq"),
+                   help="--hf's format: compressed-tensors pack-quantized (symmetric; vLLM's main one) or gptq "
+                        "(integer zeros, act-order g_idx) (default %(default)s)")
+    p.add_argument("--gptq-version", type=int, default=1, choices=(1, 2),
+                   help="GPTQ zero-point convention: 1 (checkpoint_format gptq, zeros minus one, what most "
+                        "loaders expect) or 2 (gptq_v2) (default %(default)s)")
     p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre: llama-bpe for LLaMA-3, smollm for "
                         "SmolLM2), needed when the checkpoint's source is not a GGUF file with this vocabulary")
@@ -440,6 +460,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jaxq.data import DataError, DataNotFoundError
     from jaxq.evaluate import EvaluationError
     from jaxq.interop.gguf import ExportError
+    from jaxq.interop.hf_quantized import HFExportError
     from jaxq.methods.gptq import SingularHessianError
     from jaxq.qat import QATError
     from jaxq.quantization import NonFiniteWeightError
@@ -449,7 +470,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (UsageError, ConfigError, CalibrationError, CalibrationMemoryError, ResumeMismatchError,
             CheckpointError, DataError, DataNotFoundError, EvaluationError, MeshError, SingularHessianError,
-            NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError, QATError, ReportError, ExportError)
+            NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError, QATError, ReportError, ExportError,
+            HFExportError)
 
 
 @contextlib.contextmanager

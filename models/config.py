@@ -113,6 +113,36 @@ class LlamaConfig:
                 d[name] = settings(**d[name])
         return cls(**d)
 
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` dict `from_hf` reads back to this config (transformers'
+        current `rope_parameters` form). A model that only runs in jaxq (rotated, quantized
+        activations or KV cache) or carries RoPE as GGUF frequency factors has none."""
+        only_here = [f"{name}={getattr(self, name)!r}" for name in ("rotation", "activations", "kv_cache")
+                     if getattr(self, name) is not None]
+        if self.rope_freq_factors is not None:
+            only_here.append("rope_freq_factors (GGUF's form of LLaMA-3 RoPE scaling)")
+        if only_here:
+            raise UnsupportedModelError(f"no Hugging Face config expresses {', '.join(only_here)}")
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope.update(rope_type=self.rope_scaling.type, factor=self.rope_scaling.factor)
+            if self.rope_scaling.type == "llama3":
+                rope.update(low_freq_factor=self.rope_scaling.low_freq_factor,
+                            high_freq_factor=self.rope_scaling.high_freq_factor,
+                            original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings)
+        hf = {"architectures": [f"{self.architecture.capitalize()}ForCausalLM"], "model_type": self.architecture,
+              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+              "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+              "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+              "rope_parameters": rope, "max_position_embeddings": self.max_position_embeddings,
+              "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False, "mlp_bias": False}
+        if self.sliding_window is not None:
+            hf["sliding_window"] = self.sliding_window
+            if self.architecture == "llama":
+                hf["use_sliding_window"] = True
+        return hf
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         """From a Hugging Face `config.json` dict, current (`rope_parameters`) or older style

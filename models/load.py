@@ -102,13 +102,14 @@ def _assemble(config: LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarray | A
             raise UnsupportedModelError(
                 f"{source}: tensor {'/'.join(map(str, path))} has shape {tuple(value.shape)}, "
                 f"config says {tuple(node.shape)}")
-        if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(np.asarray(value)).all():
+        quantized = hasattr(value, "dequantize")  # a jaxq format read from a quantized checkpoint: placed as is
+        if not quantized and jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(np.asarray(value)).all():
             raise UnsupportedModelError(
                 f"{source}: tensor {'/'.join(map(str, path))} holds NaN or Inf; the checkpoint is damaged")
         target = params
         for key in path[:-1]:
             target = target.setdefault(key, {})
-        target[path[-1]] = jnp.asarray(value, config.param_dtype)
+        target[path[-1]] = value if quantized else jnp.asarray(value, config.param_dtype)
     missing = [p for p in _leaf_paths(expected) if _get(params, p) is None]
     if missing:
         shown = ", ".join("/".join(map(str, p)) for p in missing[:5])
@@ -147,7 +148,13 @@ def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
         config = LlamaConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{path / 'config.json'}: {err}") from None
-    params = _assemble(config, _hf_tensors(path, config), str(path))
+    if "quantization_config" in hf_config:  # GPTQ / compressed-tensors: read into jaxq's formats, not dequantized
+        from jaxq.interop import hf_quantized
+
+        tensors = hf_quantized.load_quantized_params(path, config, hf_config["quantization_config"]).items()
+    else:
+        tensors = _hf_tensors(path, config)
+    params = _assemble(config, iter(tensors), str(path))
     tok = _hf_tokenizer(path) if tokenizer else None
     return LanguageModel(config=config, params=params, tokenizer=tok, source=str(path))
 
