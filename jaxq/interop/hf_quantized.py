@@ -34,7 +34,8 @@ checkpoint whose zeros are the other version's is refused, naming the fix. An as
 zeros are data, so there a wrong label cannot be detected from the file.
 
 Scales and float tensors are written in fp16 (what GPTQ kernels and these loaders expect); a
-round trip keeps codes and zeros exactly and scales to their fp16 value. The directory is written
+round trip keeps codes and zeros exactly and scales to their fp16 value. Imported scales keep
+their stored dtype (fp16, bf16 or fp32). The directory is written
 beside OUT under a temporary name and renamed into place.
 """
 
@@ -122,9 +123,11 @@ def scheme_of(q: UniformQ) -> Scheme:
 
 
 def _finite_scales(scales: np.ndarray, name: str) -> np.ndarray:
+    """The stored scales, in their stored dtype (fp16, bf16 or fp32: dequantization is then the
+    loader's own), checked finite."""
     if not np.isfinite(np.asarray(scales, np.float32)).all():
         raise HFImportError(f"{name}: scales hold NaN or Inf; the checkpoint is damaged")
-    return np.asarray(scales).astype(FLOAT_DTYPE)
+    return np.ascontiguousarray(scales)
 
 
 def _integer_grid(q: UniformQ, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -457,16 +460,17 @@ def _replace_directory(temp: Path, out: Path) -> None:
 
 def _module_tensors(path: Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(module name, {suffix: array}) of every module in the directory's safetensors files."""
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise HFImportError(f"{path} has config.json but no *.safetensors weights")
     modules: dict[str, dict[str, np.ndarray]] = {}
     for file in files:
-        for name, value in load_file(str(file)).items():
-            module, _, suffix = name.rpartition(".")
-            modules.setdefault(module, {})[suffix] = value
+        with safe_open(str(file), framework="flax") as f:  # numpy's reader has no bfloat16
+            for name in f.keys():
+                module, _, suffix = name.rpartition(".")
+                modules.setdefault(module, {})[suffix] = np.asarray(f.get_tensor(name))
     yield from modules.items()
 
 

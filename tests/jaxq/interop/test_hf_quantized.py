@@ -13,6 +13,7 @@ from jaxq import calibrate, cli, tree
 from jaxq.formats.uniform import UniformQ
 from jaxq.interop import hf_quantized
 from jaxq.interop.hf_quantized import HFExportError, HFImportError, pack_int32, unpack_int32
+from tests.conftest import tiny_llama_config
 
 
 def bit_stream_words(column: list[int], bits: int) -> list[int]:
@@ -152,6 +153,40 @@ def test_gptq_static_groups_export_to_compressed_tensors_loads_in_transformers(t
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokens = np.asarray(cal.tokens[:2])
     np.testing.assert_allclose(logits(hf, tokens), jaxq_logits(imported, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_a_directory_written_by_compressed_tensors_imports_with_transformers_logits(tmp_path):
+    """A tiny LLaMA quantized with compressed-tensors' own API (symmetric 4-bit g16; the scales
+    set from each group's max |w| / 7, as no observer library is installed) and packed by its
+    ModelCompressor: jaxq's import gives transformers' logits on the same directory (float32
+    scales kept as stored; 1e-4: summation order)."""
+    import torch
+    import transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                out, inputs = module.weight.shape
+                module.weight_scale.copy_(module.weight.reshape(out, inputs // 16, 16).abs().amax(-1) / 7)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(tmp_path / "ct"))
+    compressor.update_config(str(tmp_path / "ct"))
+
+    imported = models.load(tmp_path / "ct", tokenizer=False)
+    kernels = [leaf for path, leaf in tree.flatten(imported.params)[0] if tree.is_format(leaf)]
+    assert len(kernels) == 14 and all(q.bits == 4 and q.group_size == 16 and q.zero_point == "none" for q in kernels)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, 257, size=(2, 24))
+    np.testing.assert_allclose(jaxq_logits(imported, tokens), logits(hf, tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_exports_gptq_and_keeps_an_existing_directory(tiny_llama_with_tokenizer, tmp_path, capsys):
