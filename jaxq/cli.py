@@ -437,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "Q4_0, w8 g32 sym -> Q8_0, float -> F32)")
     target.add_argument("--hf", metavar="DIR", help="Hugging Face directory to write (config.json with its "
                                                     "quantization_config, safetensors, tokenizer) for vLLM / transformers")
-    p.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq"),
-                   help="--hf's format: compressed-tensors pack-quantized (symmetric; vLLM's main one) or gptq "
-                        "(integer zeros, act-order g_idx) (default %(default)s)")
+    p.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "gptq", "awq"),
+                   help="--hf's format: compressed-tensors pack-quantized (symmetric; vLLM's main one), gptq "
+                        "(integer zeros, act-order g_idx) or awq (4-bit groups, AutoAWQ's GEMM packing) "
+                        "(default %(default)s)")
     p.add_argument("--gptq-version", type=int, default=1, choices=(1, 2),
                    help="GPTQ zero-point convention: 1 (checkpoint_format gptq, zeros minus one, what most "
                         "loaders expect) or 2 (gptq_v2) (default %(default)s)")

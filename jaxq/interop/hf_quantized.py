@@ -1,5 +1,5 @@
-"""Hugging Face quantized directories <-> jaxq `UniformQ`: GPTQ (v1 and v2 zeros) and
-compressed-tensors `pack-quantized`, both ways.
+"""Hugging Face quantized directories <-> jaxq `UniformQ`: GPTQ (v1 and v2 zeros),
+compressed-tensors `pack-quantized` and AWQ (GEMM), both ways.
 
     jaxq export --checkpoint runs/gptq-w4 --hf out/ --format compressed-tensors   # vLLM serves out/
     models.load("out/")                                # back to UniformQ: codes, scales, zeros as stored
@@ -21,6 +21,12 @@ what the current loaders were measured to do; the formats' code is the authority
   divide the input size (smollm2's 576 inputs take g64 or g32, not g128). Symmetric only: the asymmetric
   `weight_zero_point` (packed along the output axis) did not load in transformers 5 with
   compressed-tensors 0.20 (INTEROP.md), so it is refused rather than written unloadable.
+
+- AWQ (AutoAWQ `version: "gemm"`): `qweight` int32 [in, out/8] and `qzeros` int32 [groups, out/8]
+  packed along the OUTPUT axis, 8 nibbles per word, nibble i of word c holding output column
+  8c + (0, 2, 4, 6, 1, 3, 5, 7)[i] (AutoAWQ's `AWQ_ORDER`); `scales` fp16 [groups, out];
+  w = (q - z) * s. 4-bit, groups only (one group size for every linear), no act-order; a
+  symmetric jaxq grid exports as zeros of 8.
 
 act-order: a GPTQ `g_idx` is jaxq's `perm` (stored row j is input row perm[j], groups follow the
 stored order), so act-order exports to GPTQ and comes back from it; its groups are contiguous in
@@ -60,11 +66,12 @@ from models.config import LlamaConfig, UnsupportedModelError
 from models.language_model import LanguageModel
 from models.load import HF_LAYER_NAMES
 
-FORMATS = ("gptq", "compressed-tensors")
+FORMATS = ("gptq", "compressed-tensors", "awq")
 GPTQ_BITS = (2, 4, 8)
 COMPRESSED_TENSORS_BITS = (2, 3, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 2}
 FLOAT_DTYPE = np.float16
+AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # output column (within 8) of each nibble of a word
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose loader the tests run
 
 
@@ -188,6 +195,59 @@ def compressed_tensors_tensors(q: UniformQ, name: str = "weight") -> dict[str, n
             "weight_shape": np.asarray(codes.shape, np.int64)}
 
 
+def _awq_columns(codes: np.ndarray) -> np.ndarray:
+    """Columns [.., out] reordered so a plain nibble packing puts them in AWQ's order."""
+    out = codes.shape[-1]
+    if out % 8:
+        raise HFExportError(f"AWQ packs 8 output columns per word; {out} outputs do not divide")
+    order = (np.arange(0, out, 8)[:, None] + AWQ_ORDER[None]).ravel()
+    return codes[..., order]
+
+
+def _awq_columns_back(interleaved: np.ndarray) -> np.ndarray:
+    """The inverse of `_awq_columns`."""
+    out = interleaved.shape[-1]
+    order = (np.arange(0, out, 8)[:, None] + AWQ_ORDER[None]).ravel()
+    codes = np.empty_like(interleaved)
+    codes[..., order] = interleaved
+    return codes
+
+
+def awq_tensors(q: UniformQ, name: str = "weight") -> dict[str, np.ndarray]:
+    """AutoAWQ GEMM tensors of one 4-bit grouped weight."""
+    if q.bits != 4:
+        raise HFExportError(f"{name}: {q.bits}-bit weights do not export to AWQ (4-bit only, as in vLLM); "
+                            "export them with --format gptq")
+    if q.perm is not None:
+        raise HFExportError(f"{name}: AWQ has no act-order (no g_idx); quantize with --static-groups or export "
+                            "with --format gptq")
+    if q.num_groups == 1:
+        raise HFExportError(f"{name}: AWQ configs take one group size for every linear, so per-channel grids do not "
+                            "export; use groups (--group-size 128) or --format gptq")
+    scale, zero = _integer_grid(q, name)
+    codes = np.asarray(q.stored_codes())
+    return {"qweight": pack_int32(_awq_columns(codes), 4, axis=1), "qzeros": pack_int32(_awq_columns(zero), 4, axis=1),
+            "scales": scale}
+
+
+def from_awq(tensors: dict[str, np.ndarray], scheme: Scheme, name: str, dtype: str) -> UniformQ:
+    """A UniformQ (integer zero) from one linear's AutoAWQ GEMM tensors."""
+    missing = [k for k in ("qweight", "qzeros", "scales") if k not in tensors]
+    if missing:
+        raise HFImportError(f"{name}: AWQ tensors {', '.join(missing)} missing")
+    scales = np.asarray(tensors["scales"])
+    groups, out_features = scales.shape
+    in_features = tensors["qweight"].shape[0]
+    codes = _awq_columns_back(unpack_int32(tensors["qweight"], 4, out_features, axis=1))
+    zero = _awq_columns_back(unpack_int32(tensors["qzeros"], 4, out_features, axis=1))
+    group_size = scheme.rows_per_group(in_features)
+    if groups != -(-in_features // group_size):
+        raise HFImportError(f"{name}.scales: {groups} groups, but {in_features} inputs in groups of {group_size} "
+                            f"make {-(-in_features // group_size)}")
+    return UniformQ.from_codes(codes, _finite_scales(scales, name), zero, bits=4, group_size=group_size,
+                               dtype=dtype, zero_point="int")
+
+
 def _perm_from_g_idx(g_idx: np.ndarray, group_size: int, name: str) -> np.ndarray | None:
     """jaxq's perm for a GPTQ g_idx (None when the groups are already contiguous in input order)."""
     in_features = g_idx.shape[0]
@@ -270,6 +330,11 @@ def _compressed_tensors_config(scheme: Scheme, ignore: list[str]) -> dict[str, A
             "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}, "version": CT_VERSION}
 
 
+def _awq_config(scheme: Scheme) -> dict[str, Any]:
+    return {"quant_method": "awq", "bits": 4, "group_size": scheme.group_size, "zero_point": True,
+            "version": "gemm"}
+
+
 def scheme_from_config(quantization_config: dict[str, Any]) -> tuple[str, Scheme, int]:
     """(format, scheme, GPTQ version or 0) of a `quantization_config`; anything else fails naming
     the field."""
@@ -310,7 +375,14 @@ def scheme_from_config(quantization_config: dict[str, Any]) -> tuple[str, Scheme
                                 "group or channel is read")
         size = weights.get("group_size") if weights.get("strategy") == "group" else -1
         return "compressed-tensors", Scheme(weights["num_bits"], int(size), True, False), 0
-    raise HFImportError(f"quantization_config.quant_method {method!r}: jaxq reads gptq and compressed-tensors")
+    if method == "awq":
+        if str(q.get("version", "gemm")).lower() != "gemm":
+            raise HFImportError(f"quantization_config.version {q.get('version')!r}: AWQ's GEMM packing is read "
+                                "(not gemv, marlin or exllama repacks)")
+        if q.get("bits", q.get("w_bit")) != 4 or not q.get("zero_point", True):
+            raise HFImportError("quantization_config.bits / zero_point: AWQ import reads 4-bit with zero points")
+        return "awq", Scheme(4, int(q.get("group_size", q.get("q_group_size", 128))), False, False), 0
+    raise HFImportError(f"quantization_config.quant_method {method!r}: jaxq reads gptq, compressed-tensors and awq")
 
 
 # ------------------------------------------------------------------ names
@@ -374,10 +446,10 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
     quantized = [(path, leaf) for path, leaf in leaves if tree.is_format(leaf)]
     other = [path for path, leaf in quantized if not isinstance(leaf, UniformQ)]
     if other:
-        raise HFExportError(f"{other[0]}: {type(dict(quantized)[other[0]]).__name__} weights have no GPTQ or "
+        raise HFExportError(f"{other[0]}: {type(dict(quantized)[other[0]]).__name__} weights have no GPTQ, AWQ or "
                             "compressed-tensors form (integer grids only: UniformQ from RTN, GPTQ, AWQ, ...); "
-                            "what exports: uniform integer-zero or symmetric 2/4/8-bit (GPTQ), symmetric 2/3/4/8-bit "
-                            "(compressed-tensors)")
+                            "what exports: uniform integer-zero or symmetric 2/4/8-bit (GPTQ), 4-bit grouped (AWQ), "
+                            "symmetric 2/3/4/8-bit (compressed-tensors)")
     if not quantized:
         raise HFExportError("the model has no quantized weights; save a float model with transformers instead")
     schemes = {scheme_of(q) for _, q in quantized}
@@ -393,20 +465,21 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
     for path, leaf in leaves:
         name = names[path]
         if tree.is_format(leaf):
-            parts = (gptq_tensors(leaf, gptq_version, name) if fmt == "gptq"
-                     else compressed_tensors_tensors(leaf, name))
+            parts = {"gptq": lambda: gptq_tensors(leaf, gptq_version, name), "awq": lambda: awq_tensors(leaf, name),
+                     "compressed-tensors": lambda: compressed_tensors_tensors(leaf, name)}[fmt]()
             out.update({f"{name}.{key}": value for key, value in parts.items()})
         else:
             value = np.asarray(jax.device_get(leaf), np.float32)
             out[f"{name}.weight"] = (value.T if path.endswith("/kernel") else value).astype(FLOAT_DTYPE)
     float_linears = [names[p] for p, leaf in leaves if p.startswith("layers/") and p.endswith("/kernel")
                      and not tree.is_format(leaf)]
+    if fmt in ("gptq", "awq") and float_linears:
+        raise HFExportError(f"{float_linears[0]} is kept float in a block; {fmt.upper()} loaders quantize the same "
+                            "linears in every block: export with --format compressed-tensors (its ignore list)")
     if fmt == "gptq":
-        block = sorted({names[p].split(".", 3)[3] for p, _ in quantized})
-        if float_linears:
-            raise HFExportError(f"{float_linears[0]} is kept float in a block; GPTQ loaders quantize the same "
-                                "linears in every block: export with --format compressed-tensors (its ignore list)")
-        config = _gptq_config(scheme, gptq_version, block)
+        config = _gptq_config(scheme, gptq_version, sorted({names[p].split(".", 3)[3] for p, _ in quantized}))
+    elif fmt == "awq":
+        config = _awq_config(scheme)
     else:
         config = _compressed_tensors_config(scheme, ["lm_head", *float_linears])
     return out, config, len(quantized)
@@ -414,8 +487,8 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
 
 def export_hf(lm: LanguageModel, path: str | os.PathLike, *, fmt: str = "compressed-tensors", gptq_version: int = 1,
               overwrite: bool = False) -> HFExportSummary:
-    """Write `lm` (quantized params) as a Hugging Face directory in `fmt` ("gptq" or
-    "compressed-tensors"): config.json with its quantization_config, model.safetensors, and the
+    """Write `lm` (quantized params) as a Hugging Face directory in `fmt` ("compressed-tensors",
+    "gptq" or "awq"): config.json with its quantization_config, model.safetensors, and the
     tokenizer's files."""
     from safetensors.numpy import save_file
 
@@ -494,6 +567,8 @@ def load_quantized_params(path: str | os.PathLike, config: LlamaConfig, quantiza
             out[key] = value.T if key[-1] == "kernel" else value
         elif fmt == "gptq":
             out[key] = from_gptq(parts, scheme, version, module, dtype)
+        elif fmt == "awq":
+            out[key] = from_awq(parts, scheme, module, dtype)
         else:
             out[key] = from_compressed_tensors(parts, scheme, module, dtype)
     return out

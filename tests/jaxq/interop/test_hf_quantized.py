@@ -87,6 +87,36 @@ def test_gptq_export_reads_back_with_the_documented_unpacking(version, bits, zer
     assert (back.perm is not None) == act_order
 
 
+def documented_awq_dequantize(t: dict) -> np.ndarray:
+    """AutoAWQ GEMM's dequantization as documented: nibble i of word c is output column
+    8c + [0, 2, 4, 6, 1, 3, 5, 7][i]; [in, out] float32 with groups of in / groups rows."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def unpack(words):
+        words = words.view(np.uint32)
+        out = np.zeros((words.shape[0], words.shape[1] * 8), np.int64)
+        for c in range(words.shape[1]):
+            for i in range(8):
+                out[:, 8 * c + order[i]] = (words[:, c] >> (4 * i)) & 0xF
+        return out
+
+    q, z, s = unpack(t["qweight"]), unpack(t["qzeros"]), t["scales"].astype(np.float32)
+    g = np.arange(q.shape[0]) // (q.shape[0] // s.shape[0])
+    return (q - z[g]).astype(np.float32) * s[g]
+
+
+@pytest.mark.parametrize("zero_point", ["int", "none"])
+def test_awq_export_reads_back_with_the_documented_unpacking(zero_point, rng):
+    q = random_uniform(rng, (128, 48), 4, 32, zero_point, False)
+    t = hf_quantized.awq_tensors(q)
+    assert t["qweight"].shape == (128, 6) and t["qzeros"].shape == (4, 6) and t["scales"].shape == (4, 48)
+    expected = np.asarray(q.dequantize(jnp.float32))
+    assert np.array_equal(documented_awq_dequantize(t), expected)
+    back = hf_quantized.from_awq(t, hf_quantized.Scheme(4, 32, False, False), "m", "float32")
+    assert np.array_equal(np.asarray(back.stored_codes()), np.asarray(q.stored_codes()))
+    assert np.array_equal(np.asarray(back.dequantize(jnp.float32)), expected)
+
+
 def test_a_mislabelled_gptq_version_is_caught_naming_the_fix(rng):
     q = random_uniform(rng, (64, 16), 4, 32, "none", False)
     scheme = hf_quantized.scheme_of(q)
@@ -107,8 +137,14 @@ def test_what_a_format_cannot_hold_is_an_error_listing_what_exports(rng):
         hf_quantized.compressed_tensors_tensors(random_uniform(rng, (64, 8), 4, 32, "none", True), "w")
     with pytest.raises(HFExportError, match="asymmetric"):
         hf_quantized.compressed_tensors_tensors(random_uniform(rng, (64, 8), 4, 32, "int", False), "w")
-    with pytest.raises(HFImportError, match="quant_method 'awq'"):
-        hf_quantized.scheme_from_config({"quant_method": "awq"})
+    with pytest.raises(HFExportError, match="AWQ has no act-order"):
+        hf_quantized.awq_tensors(random_uniform(rng, (64, 8), 4, 32, "int", True), "w")
+    with pytest.raises(HFExportError, match="do not export to AWQ"):
+        hf_quantized.awq_tensors(random_uniform(rng, (64, 8), 2, 32, "int", False), "w")
+    with pytest.raises(HFImportError, match="quant_method 'bitsandbytes'"):
+        hf_quantized.scheme_from_config({"quant_method": "bitsandbytes"})
+    with pytest.raises(HFImportError, match="version 'gemv'"):
+        hf_quantized.scheme_from_config({"quant_method": "awq", "version": "gemv"})
     with pytest.raises(HFImportError, match="format 'float-quantized'"):
         hf_quantized.scheme_from_config({"quant_method": "compressed-tensors", "format": "float-quantized"})
 
@@ -206,6 +242,13 @@ def test_cli_exports_gptq_and_keeps_an_existing_directory(tiny_llama_with_tokeni
         if tree.is_format(q):
             assert np.array_equal(np.asarray(back[path].stored_codes()), np.asarray(q.stored_codes()))
             assert np.array_equal(np.asarray(back[path].zero), np.asarray(q.zero))
+    awq = tmp_path / "awq"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--hf", str(awq), "--format", "awq"]) == 0
+    capsys.readouterr()
+    assert json.loads((awq / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    from_awq = dict(tree.flatten(models.load(awq).params)[0])
+    assert all(np.array_equal(np.asarray(from_awq[p].dequantize(jnp.float32)), np.asarray(q.dequantize(jnp.float32)))
+               for p, q in tree.flatten(params)[0] if tree.is_format(q))
     before = (out / "model.safetensors").read_bytes()
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
