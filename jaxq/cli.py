@@ -300,6 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if args.tokenizer_pre is not None:
             raise UsageError("--tokenizer-pre applies to --gguf only")
+        if args.format != "gptq" and args.gptq_version != 1:
+            raise UsageError("--gptq-version applies to --format gptq only")
         hf_quantized.check_destination(args.hf, overwrite=args.overwrite)
         summary = hf_quantized.export_hf(checkpoint.load(args.checkpoint).language_model(), args.hf,
                                          fmt=args.format, gptq_version=args.gptq_version, overwrite=args.overwrite)

@@ -135,8 +135,11 @@ class LlamaConfig:
               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
               "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
               "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-              "rope_parameters": rope, "max_position_embeddings": self.max_position_embeddings,
+              "rope_parameters": rope, "rope_theta": self.rope_theta,  # the top-level key: for older readers
+              "max_position_embeddings": self.max_position_embeddings,
               "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False, "mlp_bias": False}
+        if self.rope_scaling is not None:  # older readers (transformers 4, vLLM) look for rope_scaling
+            hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} | {"type": rope["rope_type"]}
         if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
             if self.architecture == "llama":

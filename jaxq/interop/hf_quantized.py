@@ -13,7 +13,8 @@ what the current loaders were measured to do; the formats' code is the authority
 - GPTQ (AutoGPTQ / GPTQModel): `qweight` int32 [in*b/32, out] packed along the input axis,
   `qzeros` int32 [groups, out*b/32] packed along the output axis, `scales` fp16 [groups, out],
   `g_idx` int32 [in] (each input row's group). w = (q - z) * s, where `checkpoint_format` "gptq"
-  (v1) stores z - 1 (mod 2^b) and "gptq_v2" stores z. Symmetric: z = 2^(b-1). 2, 4 and 8 bits
+  (v1) stores z - 1 and "gptq_v2" stores z; a zero of 0 exports to v2 only (readers add 1 to v1's
+  wrapped -1 differently). Symmetric: z = 2^(b-1). 2, 4 and 8 bits
   (AutoGPTQ's 3-bit word layout is not implemented here).
 - compressed-tensors: `weight_packed` int32 [out, in*b/32] packed along the input axis,
   `weight_scale` [out, groups], `weight_shape` int64 (out, in); codes are the signed q - 2^(b-1)
@@ -137,6 +138,29 @@ def _finite_scales(scales: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(scales)
 
 
+def to_fp16(value: np.ndarray, name: str) -> np.ndarray:
+    """value in fp16, refused where fp16 would turn it into Inf or a nonzero into 0."""
+    value = np.asarray(value, np.float32)
+    half = value.astype(FLOAT_DTYPE)
+    if not np.isfinite(half).all() or np.any((half == 0) & (value != 0)):
+        raise HFExportError(f"{name}: values outside fp16's range (max |x| {np.abs(value).max():.3g}, min nonzero "
+                            f"{np.abs(value[value != 0]).min() if np.any(value != 0) else 0:.3g}); these formats "
+                            "store 16-bit floats")
+    return half
+
+
+def _check_gptq_shape(q: UniformQ, name: str, fmt: str) -> None:
+    """What vLLM's GPTQ / AWQ loaders require: groups dividing the inputs, whole packed words of
+    outputs."""
+    per_word = 32 // q.bits
+    if q.num_groups > 1 and q.shape[0] % q.group_size:
+        raise HFExportError(f"{name}: {fmt} loaders need groups that divide the input size ({q.shape[0]} inputs, "
+                            f"groups of {q.group_size}); quantize with a group size that divides every linear's inputs")
+    if q.shape[1] % per_word:
+        raise HFExportError(f"{name}: {fmt} packs {per_word} {q.bits}-bit zeros per word; {q.shape[1]} outputs "
+                            "do not divide")
+
+
 def _integer_grid(q: UniformQ, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(scale fp16 [groups, out], integer zero uint8 [groups, out]) of q."""
     if q.zero_point == "float":
@@ -144,7 +168,7 @@ def _integer_grid(q: UniformQ, name: str) -> tuple[np.ndarray, np.ndarray]:
                             "point in GPTQ or compressed-tensors; export integer-zero or symmetric grids "
                             "(--zero-point int or --symmetric), or export this one with --gguf")
     shape = (q.num_groups, q.shape[1])
-    scale = np.broadcast_to(np.asarray(q.scale, np.float32), shape).astype(FLOAT_DTYPE)
+    scale = to_fp16(np.broadcast_to(np.asarray(q.scale, np.float32), shape), f"{name} scales")
     zero = (np.full(shape, 2 ** (q.bits - 1), np.uint8) if q.zero_point == "none"
             else np.broadcast_to(np.asarray(q.zero, np.uint8), shape))
     return scale, zero
@@ -156,7 +180,12 @@ def gptq_tensors(q: UniformQ, version: int, name: str = "weight") -> dict[str, n
     if q.bits not in GPTQ_BITS:
         raise HFExportError(f"{name}: {q.bits}-bit weights do not export to GPTQ here (it takes "
                             f"{', '.join(map(str, GPTQ_BITS))} bits); compressed-tensors takes 3-bit symmetric")
+    _check_gptq_shape(q, name, "GPTQ")
     scale, zero = _integer_grid(q, name)
+    if version == 1 and np.any(zero == 0):
+        raise HFExportError(f"{name}: a zero point of 0, which GPTQ v1 (zeros minus one) cannot hold: readers add 1 "
+                            "to the stored -1 without wrapping (AutoGPTQ, vLLM) or carry into the next column "
+                            "(GPTQModel); export with --gptq-version 2")
     stored = np.asarray(q.stored_codes())
     group_of_stored = np.arange(q.shape[0], dtype=np.int32) // min(q.group_size, q.shape[0])
     codes, g_idx = stored, group_of_stored
@@ -164,7 +193,7 @@ def gptq_tensors(q: UniformQ, version: int, name: str = "weight") -> dict[str, n
         perm = np.asarray(q.perm)
         codes, g_idx = np.empty_like(stored), np.empty_like(group_of_stored)
         codes[perm], g_idx[perm] = stored, group_of_stored
-    stored_zero = (zero.astype(np.int32) - (version == 1)) % (2 ** q.bits)
+    stored_zero = zero.astype(np.int32) - (version == 1)
     return {"qweight": pack_int32(codes, q.bits, axis=0), "qzeros": pack_int32(stored_zero, q.bits, axis=1),
             "scales": scale, "g_idx": g_idx}
 
@@ -224,6 +253,7 @@ def awq_tensors(q: UniformQ, name: str = "weight") -> dict[str, np.ndarray]:
     if q.num_groups == 1:
         raise HFExportError(f"{name}: AWQ configs take one group size for every linear, so per-channel grids do not "
                             "export; use groups (--group-size 128) or --format gptq")
+    _check_gptq_shape(q, name, "AWQ")
     scale, zero = _integer_grid(q, name)
     codes = np.asarray(q.stored_codes())
     return {"qweight": pack_int32(_awq_columns(codes), 4, axis=1), "qzeros": pack_int32(_awq_columns(zero), 4, axis=1),
@@ -274,11 +304,14 @@ def from_gptq(tensors: dict[str, np.ndarray], scheme: Scheme, version: int, name
     group_size = scheme.rows_per_group(in_features)
     codes = unpack_int32(tensors["qweight"], scheme.bits, in_features, axis=0)
     stored_zero = unpack_int32(tensors["qzeros"], scheme.bits, out_features, axis=1).astype(np.int32)
-    zero = ((stored_zero + (version == 1)) % (2 ** scheme.bits)).astype(np.uint8)
+    if version == 1 and not scheme.symmetric and np.any(stored_zero == 2 ** scheme.bits - 1):
+        raise HFImportError(f"{name}.qzeros: a v1 checkpoint storing {2 ** scheme.bits - 1} (zero 0 wrapped, or a "
+                            f"zero of {2 ** scheme.bits}): GPTQ readers disagree on it, so it is not guessed")
+    zero = (stored_zero + (version == 1)).astype(np.uint8)
     if scheme.symmetric:
         middle = 2 ** (scheme.bits - 1)
         if not np.all(zero == middle):
-            other = ((stored_zero + (version != 1)) % (2 ** scheme.bits))
+            other = stored_zero + (version != 1)
             hint = (f"; they are {'v2' if version == 1 else 'v1'}'s: the directory's checkpoint_format is wrong, "
                     "correct it in config.json") if np.all(other == middle) else ""
             raise HFImportError(f"{name}.qzeros: a symmetric {scheme.bits}-bit GPTQ v{version} checkpoint stores "
@@ -452,6 +485,10 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
                             "symmetric 2/3/4/8-bit (compressed-tensors)")
     if not quantized:
         raise HFExportError("the model has no quantized weights; save a float model with transformers instead")
+    outside = [path for path, _ in quantized if not path.startswith("layers/")]
+    if outside:
+        raise HFExportError(f"{outside[0]} is quantized; these exports quantize the block linears only and keep the "
+                            "embeddings and the head in 16-bit: keep it float (--keep-float)")
     schemes = {scheme_of(q) for _, q in quantized}
     if len(schemes) > 1:
         listing = "; ".join(sorted(f"{s.bits}-bit {'per-channel' if s.group_size <= 0 else f'g{s.group_size}'} "
@@ -470,7 +507,7 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
             out.update({f"{name}.{key}": value for key, value in parts.items()})
         else:
             value = np.asarray(jax.device_get(leaf), np.float32)
-            out[f"{name}.weight"] = (value.T if path.endswith("/kernel") else value).astype(FLOAT_DTYPE)
+            out[f"{name}.weight"] = to_fp16(value.T if path.endswith("/kernel") else value, name)
     float_linears = [names[p] for p, leaf in leaves if p.startswith("layers/") and p.endswith("/kernel")
                      and not tree.is_format(leaf)]
     if fmt in ("gptq", "awq") and float_linears:
@@ -527,7 +564,11 @@ def _replace_directory(temp: Path, out: Path) -> None:
         return
     old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
     os.replace(out, old)
-    os.replace(temp, out)
+    try:
+        os.replace(temp, out)
+    except BaseException:
+        os.replace(old, out)  # the previous directory back where it was
+        raise
     shutil.rmtree(old)
 
 

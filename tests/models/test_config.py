@@ -29,6 +29,8 @@ def test_to_hf_reads_back_to_the_same_config(changes):
         back = dataclasses.replace(back, rope_scaling=dataclasses.replace(
             back.rope_scaling, original_max_position_embeddings=config.rope_scaling.original_max_position_embeddings))
     assert back == config
+    assert hf["rope_theta"] == config.rope_theta  # the top-level key older readers take
+    assert (config.rope_scaling is None) == ("rope_scaling" not in hf)
     assert hf["architectures"] == [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config.architecture]]
 
 

@@ -36,13 +36,14 @@ def test_packing_is_the_documented_bit_stream_along_either_axis(bits, rng):
     assert np.array_equal(unpack_int32(along_cols.view(np.int32), bits, 6, axis=1), codes)
 
 
-def random_uniform(rng, shape, bits, group_size, zero_point, act_order):
-    """A UniformQ with random codes, fp16 scales, integer zeros or none, and a random perm."""
+def random_uniform(rng, shape, bits, group_size, zero_point, act_order, zero_low=0):
+    """A UniformQ with random codes, fp16 scales, integer zeros (from zero_low) or none, and a
+    random perm."""
     k, n = shape
     groups = -(-k // group_size)
     codes = rng.integers(0, 2 ** bits, size=shape).astype(np.uint8)
     scale = rng.uniform(0.01, 0.1, size=(groups, n)).astype(np.float16)
-    zero = rng.integers(0, 2 ** bits, size=(groups, n)).astype(np.uint8) if zero_point == "int" else None
+    zero = rng.integers(zero_low, 2 ** bits, size=(groups, n)).astype(np.uint8) if zero_point == "int" else None
     perm = rng.permutation(k).astype(np.int32) if act_order else None
     return UniformQ.from_codes(jnp.asarray(codes), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
                                bits=bits, group_size=group_size, dtype=jnp.float32, zero_point=zero_point,
@@ -58,7 +59,7 @@ def documented_gptq_dequantize(t: dict, bits: int, version: int) -> np.ndarray:
     q = (qweight[rows // per_word] >> (bits * (rows % per_word))[:, None]) & mask          # [in, out]
     cols = np.arange(t["scales"].shape[1])
     z = (qzeros[:, cols // per_word] >> (bits * (cols % per_word))[None]) & mask           # [groups, out]
-    z = (z + 1) & mask if version == 1 else z  # v1 stores zero - 1
+    z = z + 1 if version == 1 else z  # v1 stores zero - 1 (readers add 1, unmasked)
     g = t["g_idx"]
     return ((q.astype(np.float32) - z[g].astype(np.float32)) * t["scales"][g].astype(np.float32))
 
@@ -70,10 +71,10 @@ def test_gptq_export_reads_back_with_the_documented_unpacking(version, bits, zer
     """The exported tensors, unpacked as GPTQ documents them, give jaxq's dequantized weights
     (exactly: the same fp16 scales times the same integers); importing them gives the same codes
     in input order, zeros and scales, and act-order's groups back."""
-    q = random_uniform(rng, (96, 40), bits, 32, zero_point, act_order)
+    q = random_uniform(rng, (96, 48), bits, 32, zero_point, act_order, zero_low=1 if version == 1 else 0)
     t = hf_quantized.gptq_tensors(q, version)
     assert t["qweight"].dtype == t["qzeros"].dtype == t["g_idx"].dtype == np.int32 and t["scales"].dtype == np.float16
-    assert t["qweight"].shape == (96 * bits // 32, 40) and t["qzeros"].shape == (3, -(-40 * bits // 32))
+    assert t["qweight"].shape == (96 * bits // 32, 48) and t["qzeros"].shape == (3, 48 * bits // 32)
     expected = np.asarray(q.dequantize(jnp.float32))
     assert np.array_equal(documented_gptq_dequantize(t, bits, version), expected)
     scheme = hf_quantized.scheme_of(q)
@@ -125,6 +126,21 @@ def test_a_mislabelled_gptq_version_is_caught_naming_the_fix(rng):
             hf_quantized.from_gptq(hf_quantized.gptq_tensors(q, written), scheme, labelled, "m", "float32")
 
 
+def test_gptq_v1_refuses_the_zero_point_it_cannot_hold(rng):
+    """v1 stores zero - 1: a zero of 0 would be a -1 that readers decode differently (AutoGPTQ and
+    vLLM as 16, GPTQModel with a carry into the next column), so v1 refuses it both ways and v2
+    takes it."""
+    q = random_uniform(rng, (64, 16), 4, 32, "int", False)
+    assert np.any(np.asarray(q.zero) == 0)
+    with pytest.raises(HFExportError, match="zero point of 0.*--gptq-version 2"):
+        hf_quantized.gptq_tensors(q, 1)
+    t = hf_quantized.gptq_tensors(q, 2)
+    scheme = hf_quantized.scheme_of(q)
+    with pytest.raises(HFImportError, match="v1 checkpoint storing 15"):
+        hf_quantized.from_gptq(t, scheme, 1, "m", "float32")  # v2's 0 read as a v1 -1 wrapped to 15
+    assert np.array_equal(np.asarray(hf_quantized.from_gptq(t, scheme, 2, "m", "float32").zero), np.asarray(q.zero))
+
+
 def test_what_a_format_cannot_hold_is_an_error_listing_what_exports(rng):
     float_offset = UniformQ.from_codes(jnp.zeros((64, 8), jnp.uint8), jnp.ones((2, 8), jnp.float16),
                                        jnp.zeros((2, 8), jnp.float16), bits=4, group_size=32, dtype=jnp.float32,
@@ -137,6 +153,12 @@ def test_what_a_format_cannot_hold_is_an_error_listing_what_exports(rng):
         hf_quantized.compressed_tensors_tensors(random_uniform(rng, (64, 8), 4, 32, "none", True), "w")
     with pytest.raises(HFExportError, match="asymmetric"):
         hf_quantized.compressed_tensors_tensors(random_uniform(rng, (64, 8), 4, 32, "int", False), "w")
+    with pytest.raises(HFExportError, match="groups that divide the input size"):
+        hf_quantized.gptq_tensors(random_uniform(rng, (80, 8), 4, 32, "none", False), 1, "w")
+    with pytest.raises(HFExportError, match="36 outputs do not divide"):
+        hf_quantized.awq_tensors(random_uniform(rng, (64, 36), 4, 32, "none", False), "w")
+    with pytest.raises(HFExportError, match="outside fp16's range"):
+        hf_quantized.to_fp16(np.array([1.0, 1e6]), "w")
     with pytest.raises(HFExportError, match="AWQ has no act-order"):
         hf_quantized.awq_tensors(random_uniform(rng, (64, 8), 4, 32, "int", True), "w")
     with pytest.raises(HFExportError, match="do not export to AWQ"):
@@ -189,6 +211,22 @@ def test_gptq_static_groups_export_to_compressed_tensors_loads_in_transformers(t
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokens = np.asarray(cal.tokens[:2])
     np.testing.assert_allclose(logits(hf, tokens), jaxq_logits(imported, tokens), atol=1e-4, rtol=1e-4)
+
+    # groups that follow the permutation: GPTQ only, g_idx <-> perm through a whole directory
+    dynamic = lm.replace(params=jaxq.quantize(lm.params, jaxq.GPTQConfig(
+        uniform=jaxq.UniformConfig(bits=4, group_size=16, symmetric=True), act_order=True), cal))
+    with pytest.raises(HFExportError, match="--static-groups"):
+        hf_quantized.export_hf(dynamic, tmp_path / "no", fmt="compressed-tensors")
+    hf_quantized.export_hf(dynamic, tmp_path / "gptq", fmt="gptq", gptq_version=2)
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["desc_act"]
+    from_gptq = models.load(tmp_path / "gptq")
+    for path, q in tree.flatten(dynamic.params)[0]:
+        if tree.is_format(q):
+            back = dict(tree.flatten(from_gptq.params)[0])[path]
+            assert back.perm is not None
+            np.testing.assert_array_equal(np.asarray(back.dequantize(jnp.float32)), np.asarray(q.dequantize(jnp.float32)))
+    # the export rounds embeddings, norms and head to fp16 (relative 4.9e-4) on logits of |x| <= ~5: 5e-3
+    np.testing.assert_allclose(jaxq_logits(from_gptq, tokens), jaxq_logits(dynamic, tokens), atol=5e-3)
 
 
 def test_a_directory_written_by_compressed_tensors_imports_with_transformers_logits(tmp_path):
