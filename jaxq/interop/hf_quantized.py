@@ -86,27 +86,44 @@ class HFImportError(UnsupportedModelError):
 
 # ------------------------------------------------------------------ packing
 
+def _code_positions(bits: int) -> list[tuple[int, int, int, bool]]:
+    """For each of the 32 codes of a run of `bits` words: (code, word, bit offset, spills into
+    the next word)."""
+    return [(i, i * bits // 32, i * bits % 32, i * bits % 32 + bits > 32) for i in range(32)]
+
+
 def pack_int32(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Unsigned codes (< 2^bits) -> int32 words along `axis` (the module docstring's bit stream):
-    that axis of length n becomes ceil(n * bits / 32)."""
-    codes = np.moveaxis(np.asarray(codes, np.uint32), axis, -1)
+    that axis of length n becomes ceil(n * bits / 32). Every 32 codes fill `bits` words, one
+    vectorised shift per code position (memory: 8 bytes per code)."""
+    codes = np.moveaxis(np.asarray(codes, np.uint64), axis, -1)
     n = codes.shape[-1]
-    stream = ((codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).reshape(*codes.shape[:-1], n * bits)
-    words = -(-n * bits // 32)
-    stream = np.pad(stream, [(0, 0)] * (stream.ndim - 1) + [(0, words * 32 - n * bits)])
-    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
-    packed = (stream.reshape(*stream.shape[:-1], words, 32).astype(np.uint64) * weights).sum(-1)
-    return np.moveaxis(packed.astype(np.uint32).view(np.int32), -1, axis)
+    runs = -(-n // 32)
+    codes = np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, runs * 32 - n)]).reshape(*codes.shape[:-1], runs, 32)
+    words = np.zeros((*codes.shape[:-1], bits), np.uint64)
+    for i, word, offset, spills in _code_positions(bits):
+        words[..., word] |= (codes[..., i] << np.uint64(offset)) & np.uint64(0xFFFFFFFF)
+        if spills:
+            words[..., word + 1] |= codes[..., i] >> np.uint64(32 - offset)
+    words = words.reshape(*words.shape[:-2], runs * bits)[..., : -(-n * bits // 32)]
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
 
 
 def unpack_int32(words: np.ndarray, bits: int, length: int, axis: int) -> np.ndarray:
     """The inverse of `pack_int32`: int32 words -> uint8 codes, `length` along `axis`."""
-    words = np.moveaxis(np.asarray(words).view(np.uint32), axis, -1)
+    words = np.moveaxis(np.asarray(words).view(np.uint32).astype(np.uint64), axis, -1)
     if words.shape[-1] * 32 < length * bits:
         raise HFImportError(f"{words.shape[-1]} packed words hold fewer than {length} {bits}-bit codes")
-    stream = ((words[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(*words.shape[:-1], -1)
-    stream = stream[..., : length * bits].reshape(*words.shape[:-1], length, bits)
-    codes = (stream << np.arange(bits, dtype=np.uint32)).sum(-1)
+    runs = -(-length // 32)
+    words = np.pad(words[..., : runs * bits], [(0, 0)] * (words.ndim - 1) + [(0, max(0, runs * bits - words.shape[-1]))])
+    words = words.reshape(*words.shape[:-1], runs, bits)
+    codes = np.zeros((*words.shape[:-1], 32), np.uint64)
+    for i, word, offset, spills in _code_positions(bits):
+        code = words[..., word] >> np.uint64(offset)
+        if spills:
+            code |= words[..., word + 1] << np.uint64(32 - offset)
+        codes[..., i] = code & np.uint64((1 << bits) - 1)
+    codes = codes.reshape(*codes.shape[:-2], runs * 32)[..., :length]
     return np.moveaxis(codes.astype(np.uint8), -1, axis)
 
 
