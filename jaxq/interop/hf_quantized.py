@@ -492,7 +492,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
 
 def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, np.ndarray], dict[str, Any], int]:
     """(safetensors name -> array, quantization_config, quantized linears) of the model."""
-    leaves = [(path, leaf) for path, leaf in tree.flatten(lm.params)[0]]
+    leaves = tree.flatten(lm.params)[0]
     quantized = [(path, leaf) for path, leaf in leaves if tree.is_format(leaf)]
     other = [path for path, leaf in quantized if not isinstance(leaf, UniformQ)]
     if other:
@@ -515,21 +515,21 @@ def _tensors(lm: LanguageModel, fmt: str, gptq_version: int) -> tuple[dict[str, 
                             "(mixed precision does not export here)")
     scheme = schemes.pop()
     names = {path: hf_module(path) for path, _ in leaves}
-    out: dict[str, np.ndarray] = {}
-    for path, leaf in leaves:
-        name = names[path]
-        if tree.is_format(leaf):
-            parts = {"gptq": lambda: gptq_tensors(leaf, gptq_version, name), "awq": lambda: awq_tensors(leaf, name),
-                     "compressed-tensors": lambda: compressed_tensors_tensors(leaf, name)}[fmt]()
-            out.update({f"{name}.{key}": value for key, value in parts.items()})
-        else:
-            value = np.asarray(jax.device_get(leaf), np.float32)
-            out[f"{name}.weight"] = to_fp16(value.T if path.endswith("/kernel") else value, name)
     float_linears = [names[p] for p, leaf in leaves if p.startswith("layers/") and p.endswith("/kernel")
                      and not tree.is_format(leaf)]
     if fmt in ("gptq", "awq") and float_linears:
         raise HFExportError(f"{float_linears[0]} is kept float in a block; {fmt.upper()} loaders quantize the same "
                             "linears in every block: export with --format compressed-tensors (its ignore list)")
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in leaves:
+        name = names[path]
+        if tree.is_format(leaf):
+            parts = (gptq_tensors(leaf, gptq_version, name) if fmt == "gptq" else
+                     awq_tensors(leaf, name) if fmt == "awq" else compressed_tensors_tensors(leaf, name))
+            out.update({f"{name}.{key}": value for key, value in parts.items()})
+        else:
+            value = np.asarray(jax.device_get(leaf), np.float32)
+            out[f"{name}.weight"] = to_fp16(value.T if path.endswith("/kernel") else value, name)
     if fmt == "gptq":
         config = _gptq_config(scheme, gptq_version, sorted({names[p].split(".", 3)[3] for p, _ in quantized}))
     elif fmt == "awq":
