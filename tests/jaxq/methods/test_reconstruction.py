@@ -45,6 +45,7 @@ def trained_weights(batch: int, method: str) -> dict:
     return result["weights"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, method", [(2, "flexround"), (1, "uniquanf")],
                          ids=["data-parallel-flexround", "replicated-uniquanf"])
 def test_two_devices_train_what_one_trains(batch, method):
