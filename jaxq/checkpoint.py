@@ -11,12 +11,18 @@ step: a crash mid-save leaves the previous checkpoint intact and loadable. Each 
 dtype, digest: Orbax/OCDBT keeps no checksums of its own) and the model config's shapes, so a
 truncated, bit-flipped, edited or foreign checkpoint fails with a clear error, as do NaN or Inf
 in any float array.
+
+Over several processes (`jaxq.distributed`) every process calls `save` with the same params:
+they are checked to be the same on every process (their digests), gathered to host memory, and
+process 0 writes them while the others take part in Orbax's barriers; every process can load
+the result, and so can a single process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -30,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 import jaxq
-from jaxq import tree
+from jaxq import distributed, tree
 from jaxq.config import QuantConfig
 from jaxq.formats.base import FORMATS
 from jaxq.methods.registry import quant_config_from_dict
@@ -133,9 +139,9 @@ def array_digest(array: Any) -> str:
 def _to_host(array: Any) -> np.ndarray:
     """`array` as numpy. An accelerator array is duplicated on its device first: np.asarray of
     the array itself would keep the host copy cached on it for as long as the array lives."""
-    if isinstance(array, jax.Array) and any(d.platform != "cpu" for d in array.devices()):
+    if isinstance(array, jax.Array) and array.is_fully_addressable and any(d.platform != "cpu" for d in array.devices()):
         array = jax.device_put(array, may_alias=False)
-    return np.asarray(array)
+    return distributed.host_array(array)  # shards held by other processes gathered
 
 
 def _tokenizer_record(tokenizer: Any) -> dict[str, Any] | None:
@@ -150,6 +156,9 @@ def write_tree(directory: str | os.PathLike, tree: Any, metadata: dict[str, Any]
     with `metadata` plus the versions and per-leaf records `read_tree` validates against."""
     directory = Path(directory).absolute()
     arrays, records = _records(tree)
+    if jax.process_count() > 1:  # one copy, in host memory, the same on every process: process 0 writes it
+        distributed.check_same_everywhere(json.dumps(records, sort_keys=True), f"the checkpoint for {directory}")
+        arrays = jax.tree_util.tree_map(_to_host, arrays)
     metadata = {"jaxq_checkpoint_version": CHECKPOINT_VERSION, "jaxq_version": jaxq.__version__,
                 **metadata, "leaves": records}
     manager = _manager(directory, max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous)

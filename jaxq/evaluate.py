@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxq import data
+from jaxq import data, distributed
 from jaxq.sharding import DATA_AXIS, shard_params
 from jaxq.tree import path_str
 from models.config import LlamaConfig
@@ -92,7 +92,9 @@ def perplexity_report(lm: LanguageModel, params: Params, text_or_source: data.So
 
     text_or_source: a named source (`wikitext2`), a path to a text file, or `data.Text(...)`.
     mesh: a (data, model) mesh (`jaxq.sharding.make_mesh`): windows are split over "data",
-    params along their output axis over "model"; batch_size must be a multiple of "data".
+    params along their output axis over "model"; batch_size must be a multiple of "data". Over
+    several processes every process runs this with the same arguments, feeds its own devices'
+    windows and gets the same report.
     """
     check_options(ctx, windows, batch_size)
     ids = np.asarray(lm.encode(data.load_text(text_or_source, data_dir)), np.int32)
@@ -103,17 +105,18 @@ def perplexity_report(lm: LanguageModel, params: Params, text_or_source: data.So
             raise EvaluationError(f"batch_size={batch_size} must be a multiple of the {mesh.shape[DATA_AXIS]} data shards")
         params = shard_params(params, mesh)
         batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-        place = lambda batch: jax.device_put(batch, batch_sharding)
+        place = lambda batch: distributed.put(batch, batch_sharding)  # each process places its own rows
     start = time.perf_counter()
     total = 0.0
     batch_size = batch_size if mesh is not None else min(batch_size, len(tokens))
-    bar = tqdm(total=len(tokens), desc=f"perplexity ctx={ctx}", unit="win", disable=not progress)
+    bar = tqdm(total=len(tokens), desc=f"perplexity ctx={ctx}", unit="win",
+               disable=not (progress and distributed.is_primary()))
     for lo in range(0, len(tokens), batch_size):
         batch = tokens[lo: lo + batch_size]
         real = len(batch)
         if real < batch_size:  # pad to one compiled shape; padded windows are dropped below
             batch = np.concatenate([batch, np.zeros((batch_size - real, ctx), np.int32)])
-        nll = np.asarray(window_nll(lm.config, params, place(batch)), np.float64)[:real]
+        nll = distributed.host_array(window_nll(lm.config, params, place(batch))).astype(np.float64)[:real]
         if not np.isfinite(nll).all():
             bar.close()
             raise _nonfinite_nll_error(params, lo + int(np.argmin(np.isfinite(nll))), lm.config.dtype)

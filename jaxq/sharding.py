@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxq import tree
+from jaxq import distributed, tree
 
 DATA_AXIS, MODEL_AXIS = "data", "model"
 
@@ -18,7 +18,7 @@ class MeshError(ValueError):
 
 
 def make_mesh(data: int = 1, model: int = 1) -> Mesh:
-    """A (data, model) mesh over the first data*model devices."""
+    """A (data, model) mesh over the first data*model devices (of every process, in process order)."""
     devices = jax.devices()
     if data < 1 or model < 1 or data * model > len(devices):
         raise MeshError(f"a {data}x{model} mesh needs {data * model} devices, {len(devices)} available")
@@ -38,13 +38,14 @@ def _spec(path: str, leaf: Any, axis: str, size: int) -> Any:
 
 
 def shard_params(params: Any, mesh: Mesh, axis: str = MODEL_AXIS) -> Any:
-    """device_put every leaf with its NamedSharding (replicated where the axis does not divide)."""
+    """Every leaf laid out with its NamedSharding (replicated where the axis does not divide), on a
+    mesh of this process's devices or of several processes' (`distributed.put`)."""
     leaves, treedef = tree.flatten(params)
     size = mesh.shape[axis]
     out = []
     for path, leaf in leaves:
         structure = jax.tree_util.tree_structure(leaf)
         specs = structure.flatten_up_to(_spec(path, leaf, axis, size))  # PartitionSpecs are tuples: stop at leaf's arrays
-        arrays = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(structure.flatten_up_to(leaf), specs)]
+        arrays = [distributed.put(a, NamedSharding(mesh, s)) for a, s in zip(structure.flatten_up_to(leaf), specs)]
         out.append(structure.unflatten(arrays))
     return tree.unflatten(treedef, out)

@@ -3,7 +3,7 @@
     # 8 CPU devices faked on one host (how the tests check that 8 devices give 1 device's codes)
     python scripts/calibrate_multidevice.py --model smollm2-135m --method gptq --bits 3 \\
         --fake-cpu-devices 8 --devices 8 --out runs/gptq3-8dev
-    # several hosts: the same command on every host, plus the coordinator
+    # several hosts: the same command on every host, plus the coordinator (process 0's address)
     python scripts/calibrate_multidevice.py ... --coordinator HOST:PORT --num-processes N --process-id I
 
 Calibration statistics are summed exactly (jaxq.calibrate.stats), so the codes do not depend on
@@ -39,6 +39,8 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator address (multi-host)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--peer-timeout", type=int, default=None, help="seconds a silent process may take before the "
+                                                                  "others end (default jaxq.distributed's 30)")
     return p.parse_known_args()
 
 
@@ -53,12 +55,12 @@ def main() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
     import jaxq
     import models
-    from jaxq import calibrate, checkpoint, evaluate, method_options, sharding
+    from jaxq import calibrate, checkpoint, distributed, evaluate, method_options, sharding
+
+    distributed.initialize(distributed.ProcessGroup(args.coordinator, args.num_processes, args.process_id,
+                                                    peer_timeout_s=args.peer_timeout or distributed.HEARTBEAT_TIMEOUT_S))
 
     methods = argparse.ArgumentParser(prog="calibrate_multidevice.py (method options)")
     method_options.add_method_options(methods)
@@ -78,7 +80,9 @@ def main() -> None:
     mesh = sharding.make_mesh(data=devices // args.model_parallel, model=args.model_parallel)
     report = evaluate.perplexity_report(lm, qparams, args.eval_data, ctx=args.eval_ctx, windows=args.eval_windows,
                                         batch_size=args.eval_batch, progress=False, mesh=mesh)
-    json.dump({"devices": devices, "calibration_devices": calib.devices or devices, "mesh": dict(mesh.shape),
+    if not distributed.is_primary():
+        return
+    json.dump({"devices": devices, "processes": jax.process_count(), "calibration_devices": calib.devices or devices, "mesh": dict(mesh.shape),
                "quantize_seconds": seconds, "ppl": report.ppl, "eval_windows": report.windows,
                "calibration_samples": int(calib.tokens.shape[0])}, sys.stdout)
     print()

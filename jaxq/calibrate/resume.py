@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxq import checkpoint, tree
+from jaxq import checkpoint, distributed, tree
 from jaxq.config import QuantConfig, Rule
 
 
@@ -86,10 +86,11 @@ class Progress:
                     f"{directory} holds progress of a different calibration run (different {', '.join(differ)}): "
                     "resuming would put that run's blocks into this one. Use another resume directory, or delete "
                     f"{directory} to start this run over")
-        else:
+        elif distributed.is_primary():  # one writer over several processes; the others wait for it below
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"fingerprint": expected}))
             os.replace(tmp, marker)
+        distributed.barrier(f"jaxq resume marker {directory}")
         return cls(directory)
 
     def restore(self, mesh: Mesh) -> tuple[int, dict[str, jax.Array] | None, dict[int, Any]]:
@@ -101,7 +102,8 @@ class Progress:
             raise type(err)(f"{err}. This is calibration resume progress: delete {self.directory} to "
                             "start the run over") from None
         if streams is not None:
-            streams = jax.device_put(streams, NamedSharding(mesh, P(mesh.axis_names[0])))
+            sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+            streams = {name: distributed.put(h, sharding) for name, h in streams.items()}
         return start, streams, blocks
 
     def save(self, block_index: int, block: Any, streams: dict[str, jax.Array]) -> None:

@@ -25,7 +25,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxq import data, tree
+from jaxq import data, distributed, tree
 from jaxq.calibrate import memory, resume, stats
 from jaxq.calibrate.collect import DATA_AXIS, Needs, collect, propagate
 from jaxq.calibrate.fisher import FisherDiagonal, fisher_diagonal
@@ -77,11 +77,27 @@ def from_text(lm: Any, source: data.Source = "wikitext2-valid", *, samples: int 
 
 
 def make_mesh(devices: int | None) -> Mesh:
+    """A "data" mesh over the first `devices` local devices (None: all); over several processes
+    (`jaxq.distributed`), over every device of every process."""
+    if jax.process_count() > 1:
+        if devices not in (None, jax.device_count()):
+            raise CalibrationError(f"{devices} devices requested: calibration over {jax.process_count()} processes "
+                                   f"runs on all {jax.device_count()} of their devices (leave --devices unset)")
+        return Mesh(np.array(jax.devices()), (DATA_AXIS,))
     available = jax.local_devices()
     n = len(available) if devices is None else devices
     if not 1 <= n <= len(available):
         raise CalibrationError(f"{n} devices requested, {len(available)} available ({available[0].platform})")
     return Mesh(np.array(available[:n]), (DATA_AXIS,))
+
+
+def embedded_windows(config: LlamaConfig, params: dict, tokens: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The first block's inputs, float32 [samples, T, D] sharded over "data": each process embeds
+    only the windows its own devices hold."""
+    samples, length = tokens.shape
+    return distributed.global_array(
+        (samples, length, config.hidden_size), NamedSharding(mesh, P(DATA_AXIS)),
+        lambda index: embed(config, params, jnp.asarray(tokens[index[0]], jnp.int32)).astype(jnp.float32))
 
 
 # ------------------------------------------------------------------------ one block
@@ -253,7 +269,12 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
     trains = any(m.trains for methods in per_block.values() for m in methods.values())
     leaves = dict(tree.flatten(params)[0])
     fisher_paths = _fisher_kernels(per_block)
-    memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.devices.flat[0],
+    if jax.process_count() > 1 and (trains or fisher_paths):
+        raise CalibrationError(
+            f"{'trained block reconstruction' if trains else 'Fisher information'} is not supported over "
+            f"{jax.process_count()} processes yet: run it as one process (its devices are used), or use a method "
+            "that needs only summed statistics (GPTQ, AWQ, SparseGPT, OBR, WANDA)")
+    memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.local_devices[0],
                       keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains,
                       fisher_entries=sum(math.prod(leaves[p].shape) for p in fisher_paths),
                       fisher_itemsize=max((np.dtype(leaves[p].dtype).itemsize for p in fisher_paths), default=4),
@@ -268,13 +289,13 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         start, streams, restored = progress.restore(mesh)
         layers.update(restored)
     if streams is None:
-        sharding = NamedSharding(mesh, P(DATA_AXIS))
-        h = jax.device_put(embed(config, params, jnp.asarray(cal.tokens, jnp.int32)).astype(jnp.float32), sharding)
+        h = embedded_windows(config, params, np.asarray(cal.tokens, np.int32), mesh)
         streams = {"h": h, "h_float": h} if trains else {"h": h}
     # F of every kernel that asks for it, resumed or not: the same program as the uninterrupted
     # run's, so the same bits (a subset would compile differently); the blocks before `start` unused
     fisher = _fisher(cal, mesh, float_params, fisher_paths) if fisher_paths else None
-    bar = tqdm(range(config.num_layers), desc="calibrate", unit="block", disable=not cal.progress, initial=start)
+    bar = tqdm(range(config.num_layers), desc="calibrate", unit="block", initial=start,
+               disable=not (cal.progress and distributed.is_primary()))
     for i in range(start, config.num_layers):
         started = time.perf_counter()
         name = f"layers/{i}"
@@ -292,5 +313,5 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         bar.update(1)
         bar.set_postfix(block=i, seconds=f"{time.perf_counter() - started:.1f}")
     bar.close()
-    params["layers"] = layers
+    params["layers"] = distributed.local_copy(layers)  # the same on every process: no peer needed from here
     return params
