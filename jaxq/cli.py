@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jaxq import data, method_options
+from jaxq import data, distributed, method_options
 from jaxq.config import DEFAULT_PATTERN, ROTATIONS, ActivationConfig, KVCacheConfig, QATConfig, QuantConfig, Rule
 from jaxq.methods import registry
 
@@ -33,6 +33,25 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
     p.add_argument("--data-parallel", type=int, default=1, help="split windows over this many devices")
     p.add_argument("--model-parallel", type=int, default=1, help="split each weight's outputs over this many devices")
+
+
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("several processes (jax.distributed: the same command on every host)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="address of process 0, which serves the coordination service")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N")
+    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
+    group.add_argument("--peer-timeout", type=int, default=distributed.HEARTBEAT_TIMEOUT_S, metavar="S",
+                       help="a process not heard from for S seconds ends the others (default %(default)s)")
+    group.add_argument("--distributed-auto", action="store_true",
+                       help="join the processes the platform starts (Cloud TPU pods, SLURM): "
+                            "jax.distributed.initialize() without arguments")
+
+
+def process_group(args: argparse.Namespace) -> distributed.ProcessGroup:
+    """The `distributed.ProcessGroup` the options name."""
+    return distributed.ProcessGroup(args.coordinator, args.num_processes, args.process_id,
+                                    auto=args.distributed_auto, peer_timeout_s=args.peer_timeout)
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -202,8 +221,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from jaxq.transforms import model_rotation
 
         reference = model_rotation.rotate(lm.config, lm.params, cfg.rotate, cfg.rotate_seed)[1]
+    leaves = checkpoint.read_metadata(out)["leaves"]  # every process: opening a checkpoint is collective
+    if not distributed.is_primary():  # the other processes took part in the save; process 0 reports
+        return 0
     run_report.write_json(out / run_report.QUANTIZE_RECORD, run_report.quantize_record(
-        summary, sizes, run_report.relative_errors(reference, qparams), checkpoint.read_metadata(out)["leaves"]))
+        summary, sizes, run_report.relative_errors(reference, qparams), leaves))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -213,6 +235,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import jax
+
     import models
     from jaxq import checkpoint, evaluate
 
@@ -226,13 +250,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         lm = models.load(args.model, dtype=args.dtype)
     mesh = None
-    if args.data_parallel * args.model_parallel > 1:
+    data_parallel = args.data_parallel
+    if jax.process_count() > 1 and data_parallel == 1:  # several processes: windows over all their devices
+        data_parallel = jax.device_count() // args.model_parallel
+    if data_parallel * args.model_parallel > 1:
         from jaxq import sharding
 
-        mesh = sharding.make_mesh(data=args.data_parallel, model=args.model_parallel)
+        mesh = sharding.make_mesh(data=data_parallel, model=args.model_parallel)
     report = evaluate.perplexity_report(lm, lm.params, args.data, ctx=ctx, windows=windows,
                                         batch_size=args.batch_size, data_dir=args.data_dir,
                                         progress=not args.quiet, mesh=mesh)
+    if not distributed.is_primary():  # every process computed the same report; process 0 prints it
+        return 0
     name = args.checkpoint or args.model
     result = {"model": name, "data": args.data, **report.to_dict()}
     if args.json:
@@ -374,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a checkpoint of another model at --out, or write into a non-empty directory")
     _add_method_options(p)
+    _add_distributed_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
     p.set_defaults(run=cmd_quantize)
@@ -383,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="zoo name, HF directory, .gguf file or Hub id")
     source.add_argument("--checkpoint", help="directory written by `jaxq quantize`")
     _add_eval_options(p)
+    _add_distributed_options(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("qat", parents=[common], help="quantization-aware training of a checkpoint by distillation "
@@ -461,6 +492,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jaxq.checkpoint import CheckpointError
     from jaxq.config import ConfigError
     from jaxq.data import DataError, DataNotFoundError
+    from jaxq.distributed import DistributedError
     from jaxq.evaluate import EvaluationError
     from jaxq.interop.gguf import ExportError
     from jaxq.interop.hf_quantized import HFExportError
@@ -474,7 +506,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UsageError, ConfigError, CalibrationError, CalibrationMemoryError, ResumeMismatchError,
             CheckpointError, DataError, DataNotFoundError, EvaluationError, MeshError, SingularHessianError,
             NonFiniteWeightError, ModelNotFoundError, UnsupportedModelError, QATError, ReportError, ExportError,
-            HFExportError)
+            HFExportError, DistributedError)
 
 
 @contextlib.contextmanager
@@ -495,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     (its traceback with --debug)."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "coordinator"):  # before anything touches a device
+            distributed.initialize(process_group(args))
         with _reports_above_progress_bars(logging.getLogger("jaxq")):
             return args.run(args)
     except user_errors() as err:
