@@ -85,15 +85,16 @@ def test_two_processes_give_one_process_codes(method, tiny_llama_with_tokenizer,
 
 def test_pod_eval_of_a_checkpoint_prints_once(tiny_llama_with_tokenizer, tmp_path):
     """`jaxq quantize` and `jaxq eval` take the distributed flags: 2 processes write one
-    checkpoint and evaluate it sharded; the perplexity equals one process's."""
+    checkpoint and evaluate it on a (data, model) mesh over both; the perplexity equals one
+    process's on the same mesh shape."""
     directory, text = tiny_llama_with_tokenizer
     cli = [sys.executable, "-m", "jaxq.cli"]
     finished(processes(cli + ["quantize", "--model", directory, "--method", "gptq", *CALIBRATION, "--calib-data",
                               str(text), "--out", str(tmp_path / "q"), "--quiet"], count=2, devices=2))
     evaluation = cli + ["eval", "--checkpoint", str(tmp_path / "q"), "--data", str(text), "--ctx", "32",
-                        "--windows", "8", "--json", "--quiet"]
-    pod_out, other_out = finished(processes(evaluation, count=2, devices=2))
-    (one_out,) = finished(processes(evaluation + ["--data-parallel", "4"], count=1, devices=4))
+                        "--windows", "8", "--json", "--quiet", "--model-parallel", "2"]
+    pod_out, other_out = finished(processes(evaluation, count=2, devices=2))  # a 2 x 2 (data, model) mesh
+    (one_out,) = finished(processes(evaluation + ["--data-parallel", "2"], count=1, devices=4))
     assert results(other_out) == []
     (pod_result,), (one_result,) = results(pod_out), results(one_out)
     assert pod_result["ppl"] == one_result["ppl"]
@@ -119,6 +120,7 @@ def test_a_killed_process_ends_the_other_and_leaves_progress_loadable(tmp_path):
     killed = time.monotonic()
     _, err = survivor.communicate(timeout=PEER_TIMEOUT_S + 60)
     waited = time.monotonic() - killed
+    print(f"the survivor ended {waited:.1f} s after its peer was killed (peer timeout {PEER_TIMEOUT_S} s)")
     victim.communicate()
     assert survivor.returncode != 0
     assert re.search(r"stopped sending heartbeats\):\s*1\b", err), err[-3000:]  # names process 1
