@@ -49,3 +49,16 @@ def shard_params(params: Any, mesh: Mesh, axis: str = MODEL_AXIS) -> Any:
         arrays = [distributed.put(a, NamedSharding(mesh, s)) for a, s in zip(structure.flatten_up_to(leaf), specs)]
         out.append(structure.unflatten(arrays))
     return tree.unflatten(treedef, out)
+
+
+def replicate(params: Any, mesh: Mesh) -> Any:
+    """Every array of `params` (formats' arrays too) replicated over `mesh`: left as it is where it
+    already is, else placed (`distributed.put`: over several processes each supplies its own
+    copy, where letting jit move an uncommitted array would first compare it across processes)."""
+    target = NamedSharding(mesh, P())
+
+    def place(array):
+        if isinstance(array, jax.Array) and array.sharding.is_equivalent_to(target, array.ndim):
+            return array
+        return distributed.put(array, target)
+    return jax.tree_util.tree_map(place, params)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxq.calibrate import stats
 from jaxq.methods.protocol import AbsMean, Hessian, Inputs, Statistic
-from jaxq.sharding import DATA_AXIS
+from jaxq.sharding import DATA_AXIS, replicate
 from models.config import LlamaConfig
 from models.language_model import block_forward
 
@@ -91,6 +91,7 @@ def collect(config: LlamaConfig, mesh: Mesh, block_params: dict, h: jax.Array, n
     """The statistics `needs` names, of one block (nested params) over all calibration samples
     h [samples, T, D]: {group: {statistic: value}}, every value replicated on the mesh."""
     step = _stats_step(config, mesh, needs, h.shape[1])
+    block_params = replicate(block_params, mesh)
     totals: list[list] = [[None] * len(wanted) for _, _, wanted in needs]
     for x in _steps(h, step_samples):
         part = step(block_params, x)
@@ -111,4 +112,5 @@ def collect(config: LlamaConfig, mesh: Mesh, block_params: dict, h: jax.Array, n
 def propagate(config: LlamaConfig, mesh: Mesh, block_params: dict, h: jax.Array, step_samples: int) -> jax.Array:
     """The block (nested params) applied to every sample of h [samples, T, D] (sharded)."""
     step = _propagate_step(config, mesh)
+    block_params = replicate(block_params, mesh)
     return jnp.concatenate([step(block_params, x) for x in _steps(h, step_samples)])

@@ -31,6 +31,7 @@ from jaxq.calibrate.collect import DATA_AXIS, Needs, collect, propagate
 from jaxq.calibrate.fisher import FisherDiagonal, fisher_diagonal
 from jaxq.config import ConfigError
 from jaxq.methods import protocol, registry
+from jaxq.sharding import replicate
 from models.config import LlamaConfig
 from models.language_model import block_forward, embed, module_forward
 from models.llama import BLOCK_LINEAR_GROUPS
@@ -299,7 +300,7 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
     for i in range(start, config.num_layers):
         started = time.perf_counter()
         name = f"layers/{i}"
-        block, h = layers[i], streams["h"]
+        block, h = replicate(layers[i], mesh), streams["h"]  # placed once for the methods and the passes
         quantized = (calibrate_block(cal, mesh, block, h, per_block[i], name, streams.get("h_float"), fisher)
                      if i in per_block else block)
         source = quantized if propagation(cal, per_block.get(i, {})) == "quantized" else block
