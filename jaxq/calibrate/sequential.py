@@ -47,7 +47,8 @@ class Calibration:
 
     tokens: int32 [samples, length] windows (`jaxq.data.calibration_windows`).
     step_samples: samples processed per step over all devices (a multiple of `devices`).
-    devices: how many local devices to shard the samples over (None: all).
+    devices: how many local devices to shard the samples over (None: all; over several processes,
+      `jaxq.distributed`, every device of every process).
     propagate: "quantized" (GPTQ's sequential recipe) or "float" (AWQ's: next inputs come
       from the float block) for every block; None: each block's methods decide (`propagation`).
     resume_dir: directory for per-block progress; a rerun continues after the last block saved.
