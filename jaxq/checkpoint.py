@@ -155,10 +155,11 @@ def write_tree(directory: str | os.PathLike, tree: Any, metadata: dict[str, Any]
     """Write a tree of arrays and formats as a new step (default: latest + 1) of `directory`,
     with `metadata` plus the versions and per-leaf records `read_tree` validates against."""
     directory = Path(directory).absolute()
-    arrays, records = _records(tree)
     if jax.process_count() > 1:  # one copy, in host memory, the same on every process: process 0 writes it
+        tree = jax.tree_util.tree_map(_to_host, tree)  # before the digests, so each array crosses once
+    arrays, records = _records(tree)
+    if jax.process_count() > 1:
         distributed.check_same_everywhere(json.dumps(records, sort_keys=True), f"the checkpoint for {directory}")
-        arrays = jax.tree_util.tree_map(_to_host, arrays)
     metadata = {"jaxq_checkpoint_version": CHECKPOINT_VERSION, "jaxq_version": jaxq.__version__,
                 **metadata, "leaves": records}
     manager = _manager(directory, max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous)

@@ -275,7 +275,7 @@ def run(params: dict, assignments: dict[str, Any], cal: Calibration) -> dict:
         raise CalibrationError(
             f"{'trained block reconstruction' if trains else 'Fisher information'} is not supported over "
             f"{jax.process_count()} processes yet: run it as one process (its devices are used), or use a method "
-            "that needs only summed statistics (GPTQ, AWQ, SparseGPT, OBR, WANDA)")
+            "that needs only summed statistics (GPTQ and AWQ are tested across processes)")
     memory.check_fits(config, samples, length, cal.step_samples // devices, devices, mesh.local_devices[0],
                       keep_inputs=any(_keeps_inputs(m) for m in per_block.values()), float_path=trains,
                       fisher_entries=sum(math.prod(leaves[p].shape) for p in fisher_paths),
